@@ -1,0 +1,306 @@
+//! The HTTP surface, assembled in one `router()`: webhooks, the WebSocket, the JSON query API and
+//! the health probes. Errors map to status codes in exactly one `impl IntoResponse`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::protocol::{topic_matches, AckStatus};
+use crate::store::{AckRecord, InstanceRecord, Store, StoreError};
+use crate::sync::Syncers;
+
+pub type AppState = Arc<App>;
+
+/// Everything a request handler may need.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub syncers: Syncers,
+    /// This replica's name, shown next to the instances connected to it.
+    pub node: String,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("request body is larger than the limit of {0} bytes (server.max_body_bytes)")]
+    TooLarge(usize),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Store(e) => {
+                tracing::error!(error = %e, "store error while answering a request");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        (status, Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+pub fn router(app: AppState) -> Router {
+    Router::new()
+        .route("/webhooks/{repo}", post(crate::webhook::handle))
+        .route("/ws", get(crate::hub::connection::upgrade))
+        .route("/api/v1/topics", get(topics))
+        .route("/api/v1/topics/{*topic}", get(topic))
+        .route("/api/v1/instances", get(instances))
+        .route("/api/v1/instances/{id}", get(instance))
+        .route("/api/v1/repos", get(repos))
+        .route("/api/v1/repos/{name}/sync", post(force_sync))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { AppError::NotFound("no such endpoint; see docs/API.md".into()) })
+        .with_state(app)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    if app.shutdown.is_cancelled() {
+        return Err(AppError::Unavailable("shutting down".into()));
+    }
+    let seq = app.store.head_seq().await?;
+    Ok(Json(
+        json!({"status": "ready", "seq": seq, "node": app.node}),
+    ))
+}
+
+async fn topics(State(app): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    Ok(Json(json!({ "topics": app.store.topics().await? })))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/topics/{topic}` and `GET /api/v1/topics/{topic}/history` (topics may contain `/`).
+async fn topic(
+    State(app): State<AppState>,
+    Path(path): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let path = path.trim_matches('/');
+    if let Some(name) = path.strip_suffix("/history") {
+        if app.store.topics().await?.iter().any(|t| t.topic == name) {
+            let history = app
+                .store
+                .topic_history(name, q.limit.unwrap_or(100).min(1000))
+                .await?;
+            return Ok(Json(json!({ "topic": name, "history": history })));
+        }
+    }
+    let summary = app
+        .store
+        .topics()
+        .await?
+        .into_iter()
+        .find(|t| t.topic == path)
+        .ok_or_else(|| AppError::NotFound(format!("no topic `{path}`")))?;
+    let (_, mut snapshots) = app.store.snapshots(&|t| t == path).await?;
+    let files: Vec<serde_json::Value> = snapshots
+        .pop()
+        .map(|s| s.files)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| json!({"path": f.path, "sha": f.sha, "bytes": f.content.len()}))
+        .collect();
+    let rollout = rollout(&app, &summary.topic, summary.version).await?;
+    Ok(Json(json!({
+        "topic": summary.topic,
+        "repo": summary.repo,
+        "version": summary.version,
+        "seq": summary.seq,
+        "commit": summary.commit,
+        "updated_at_ms": summary.updated_at_ms,
+        "files": files,
+        "rollout": rollout,
+    })))
+}
+
+#[derive(Serialize)]
+struct Rollout {
+    version: u64,
+    converged: bool,
+    applied: Vec<RolloutEntry>,
+    behind: Vec<RolloutEntry>,
+    failed: Vec<RolloutEntry>,
+}
+
+#[derive(Serialize)]
+struct RolloutEntry {
+    instance: String,
+    connected: bool,
+    /// The version the instance last reported, if any.
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Which subscribed instances run `version` of `topic`, which are behind and which failed.
+async fn rollout(app: &App, topic: &str, version: u64) -> Result<Rollout, AppError> {
+    let instances = app.store.instances().await?;
+    let acks: BTreeMap<String, AckRecord> = app
+        .store
+        .acks()
+        .await?
+        .into_iter()
+        .filter(|a| a.topic == topic)
+        .map(|a| (a.instance.clone(), a))
+        .collect();
+    let mut r = Rollout {
+        version,
+        converged: false,
+        applied: vec![],
+        behind: vec![],
+        failed: vec![],
+    };
+    for i in instances.iter().filter(|i| {
+        i.subscriptions.iter().any(|p| topic_matches(p, topic)) || acks.contains_key(&i.id)
+    }) {
+        let ack = acks.get(&i.id);
+        let entry = RolloutEntry {
+            instance: i.id.clone(),
+            connected: i.connected,
+            version: ack.map(|a| a.version),
+            error: ack.and_then(|a| a.error.clone()),
+        };
+        match ack {
+            Some(a) if a.status == AckStatus::Failed => r.failed.push(entry),
+            Some(a) if a.version == version => r.applied.push(entry),
+            _ => r.behind.push(entry),
+        }
+    }
+    r.converged = r.behind.is_empty() && r.failed.is_empty() && !r.applied.is_empty();
+    Ok(r)
+}
+
+#[derive(Serialize)]
+struct InstanceView {
+    #[serde(flatten)]
+    record: InstanceRecord,
+    topics: Vec<InstanceTopic>,
+}
+
+#[derive(Serialize)]
+struct InstanceTopic {
+    topic: String,
+    current_version: u64,
+    applied_version: Option<u64>,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    acked_at_ms: Option<i64>,
+}
+
+async fn instance_views(app: &App) -> Result<Vec<InstanceView>, AppError> {
+    let topics = app.store.topics().await?;
+    let acks = app.store.acks().await?;
+    let views = app
+        .store
+        .instances()
+        .await?
+        .into_iter()
+        .map(|record| {
+            let topics = topics
+                .iter()
+                .filter(|t| {
+                    record
+                        .subscriptions
+                        .iter()
+                        .any(|p| topic_matches(p, &t.topic))
+                })
+                .map(|t| {
+                    let ack = acks
+                        .iter()
+                        .find(|a| a.instance == record.id && a.topic == t.topic);
+                    let status = match ack {
+                        None => "pending",
+                        Some(a) if a.status == AckStatus::Failed => "failed",
+                        Some(a) if a.version == t.version => "applied",
+                        Some(_) => "behind",
+                    };
+                    InstanceTopic {
+                        topic: t.topic.clone(),
+                        current_version: t.version,
+                        applied_version: ack.map(|a| a.version),
+                        status,
+                        error: ack.and_then(|a| a.error.clone()),
+                        acked_at_ms: ack.map(|a| a.acked_at_ms),
+                    }
+                })
+                .collect();
+            InstanceView { record, topics }
+        })
+        .collect();
+    Ok(views)
+}
+
+async fn instances(State(app): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    Ok(Json(json!({ "instances": instance_views(&app).await? })))
+}
+
+async fn instance(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<InstanceView>, AppError> {
+    instance_views(&app)
+        .await?
+        .into_iter()
+        .find(|v| v.record.id == id)
+        .map(Json)
+        .ok_or_else(|| AppError::NotFound(format!("no instance `{id}` has ever connected")))
+}
+
+async fn repos(State(app): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "repos": app.syncers.status() }))
+}
+
+async fn force_sync(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, AppError> {
+    if app.syncers.trigger(&name) {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "queued", "repo": name})),
+        )
+            .into_response())
+    } else {
+        Err(AppError::NotFound(format!(
+            "no repo named `{name}` is configured"
+        )))
+    }
+}

@@ -1,0 +1,195 @@
+//! The embeddable client: what an application links to receive its configuration.
+//!
+//! Built with `--no-default-features --features client`, it compiles no git2, sqlx or axum.
+//! [`Session`] is one WebSocket connection speaking the protocol in [`crate::protocol`]; it keeps
+//! the resume position (`cursor`) and drops versions it has already seen, so a caller sees each
+//! version of each topic once.
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::protocol::{AckStatus, ClientMessage, ServerMessage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: Box<tokio_tungstenite::tungstenite::Error>,
+    },
+    #[error("connection lost: {0}")]
+    Lost(Box<tokio_tungstenite::tungstenite::Error>),
+    #[error("server closed the connection ({code}: {reason})")]
+    Closed { code: u16, reason: String },
+    #[error("server sent something that is not a protocol frame: {0}")]
+    Protocol(String),
+    #[error("server refused: {code}: {message}")]
+    Refused { code: String, message: String },
+}
+
+impl From<tokio_tungstenite::tungstenite::Error> for ClientError {
+    fn from(e: tokio_tungstenite::tungstenite::Error) -> Self {
+        ClientError::Lost(Box::new(e))
+    }
+}
+
+/// Who this instance is.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub instance: String,
+    pub app: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One connection to a confcast server.
+pub struct Session {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The log position this instance has seen everything up to (for `since` on reconnect).
+    cursor: Option<u64>,
+    /// Highest version seen per topic, to drop replays of versions already delivered.
+    versions: HashMap<String, u64>,
+}
+
+impl Session {
+    /// Connects to `url` (`ws://host:port/ws`) and says hello; returns after the server's welcome.
+    pub async fn connect(url: &str, identity: &Identity) -> Result<Session, ClientError> {
+        let (socket, _) =
+            tokio_tungstenite::connect_async(url)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    url: url.to_string(),
+                    source: Box::new(e),
+                })?;
+        let mut session = Session {
+            socket,
+            cursor: None,
+            versions: HashMap::new(),
+        };
+        session
+            .send(&ClientMessage::Hello {
+                instance: identity.instance.clone(),
+                app: identity.app.clone(),
+                labels: identity.labels.clone(),
+            })
+            .await?;
+        match session.recv_raw().await? {
+            ServerMessage::Welcome { .. } => Ok(session),
+            ServerMessage::Error { code, message } => Err(ClientError::Refused { code, message }),
+            other => Err(ClientError::Protocol(format!(
+                "expected welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Subscribes to topic patterns; `since` resumes after a log position already applied.
+    /// The server answers with snapshots or a replay, then `subscribed`.
+    pub async fn subscribe(
+        &mut self,
+        topics: &[String],
+        since: Option<u64>,
+    ) -> Result<(), ClientError> {
+        self.send(&ClientMessage::Subscribe {
+            topics: topics.to_vec(),
+            since,
+        })
+        .await
+    }
+
+    /// Seeds what was already applied (from a state directory) so replays of it are dropped.
+    pub fn seed(&mut self, cursor: Option<u64>, versions: HashMap<String, u64>) {
+        self.cursor = cursor;
+        self.versions = versions;
+    }
+
+    pub fn cursor(&self) -> Option<u64> {
+        self.cursor
+    }
+
+    /// The next message for the application: snapshots, changes (each version once), commands,
+    /// `subscribed` markers, ack receipts and error frames.
+    pub async fn next(&mut self) -> Result<ServerMessage, ClientError> {
+        loop {
+            let message = self.recv_raw().await?;
+            match &message {
+                ServerMessage::Change(c) => {
+                    self.cursor = Some(self.cursor.map_or(c.seq, |s| s.max(c.seq)));
+                    let seen = self.versions.get(&c.topic).copied().unwrap_or(0);
+                    if c.version <= seen {
+                        continue;
+                    }
+                    self.versions.insert(c.topic.clone(), c.version);
+                }
+                ServerMessage::Snapshot(s) => {
+                    self.versions.insert(s.topic.clone(), s.version);
+                }
+                ServerMessage::Subscribed { seq, .. } => {
+                    self.cursor = Some(self.cursor.map_or(*seq, |s| s.max(*seq)));
+                }
+                ServerMessage::Command { seq, .. } => {
+                    self.cursor = Some(self.cursor.map_or(*seq, |s| s.max(*seq)));
+                }
+                _ => {}
+            }
+            return Ok(message);
+        }
+    }
+
+    /// Reports what this instance did with `version` of `topic`.
+    pub async fn ack(
+        &mut self,
+        topic: &str,
+        version: u64,
+        status: AckStatus,
+        error: Option<String>,
+    ) -> Result<(), ClientError> {
+        self.send(&ClientMessage::Ack {
+            topic: topic.to_string(),
+            version,
+            status,
+            error,
+        })
+        .await
+    }
+
+    /// Sends any client message (tests use this to send frames a well-behaved client would not).
+    pub async fn send(&mut self, message: &ClientMessage) -> Result<(), ClientError> {
+        let text =
+            serde_json::to_string(message).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.socket.send(Message::Text(text.into())).await?;
+        Ok(())
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+    }
+
+    async fn recv_raw(&mut self) -> Result<ServerMessage, ClientError> {
+        loop {
+            let Some(frame) = self.socket.next().await else {
+                return Err(ClientError::Closed {
+                    code: 1006,
+                    reason: "connection dropped".into(),
+                });
+            };
+            match frame? {
+                Message::Text(text) => {
+                    return serde_json::from_str(&text)
+                        .map_err(|e| ClientError::Protocol(format!("{e}: {text}")));
+                }
+                Message::Close(frame) => {
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                        (u16::from(f.code), f.reason.to_string())
+                    });
+                    return Err(ClientError::Closed { code, reason });
+                }
+                // Pings are answered by tungstenite on the next read or write.
+                _ => continue,
+            }
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! One instance's WebSocket: hello, subscribe (snapshot or replay, then live), acks, keepalive.
+//!
+//! Must never: panic on a client frame, send a change twice across the replay/live seam, or drop an
+//! ack it has read (each ack is written to the store before the next frame is read, and frames
+//! already sent by the client are drained on shutdown).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, Notify};
+
+use super::Frame;
+use crate::api::AppState;
+use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
+use crate::store::AckRejection;
+
+/// `GET /ws`.
+pub async fn upgrade(State(app): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(1024 * 1024)
+        .on_upgrade(move |socket| async move {
+            let tracker = app.tracker.clone();
+            // Tracked so shutdown waits for sockets to close cleanly and acks to be flushed.
+            let _ = tracker.spawn(Connection::new(app, socket).run()).await;
+        })
+}
+
+/// Why the server ends a connection.
+enum End {
+    ClientGone,
+    Close(u16, &'static str),
+}
+
+struct Identity {
+    instance: String,
+    connection: u64,
+    replaced: Arc<Notify>,
+}
+
+struct Connection {
+    app: AppState,
+    socket: WebSocket,
+    identity: Option<Identity>,
+    /// (pattern, deliver live events with seq above this)
+    filters: Vec<(String, u64)>,
+    live: Option<broadcast::Receiver<Arc<Frame>>>,
+    last_heard: Instant,
+}
+
+impl Connection {
+    fn new(app: AppState, socket: WebSocket) -> Connection {
+        Connection {
+            app,
+            socket,
+            identity: None,
+            filters: Vec::new(),
+            live: None,
+            last_heard: Instant::now(),
+        }
+    }
+
+    async fn run(mut self) {
+        let end = self.serve().await;
+        if let End::Close(code, reason) = end {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = self.socket.send(Message::Close(Some(frame))).await;
+            if code == close::GOING_AWAY {
+                self.drain_after_close().await;
+            }
+        }
+        if let Some(id) = &self.identity {
+            self.app.hub.release(&id.instance, id.connection);
+            let conn = format!("{}/{}", self.app.node, id.connection);
+            if let Err(e) = self
+                .app
+                .store
+                .instance_disconnected(&id.instance, &conn)
+                .await
+            {
+                tracing::warn!(instance = %id.instance, error = %e, "could not mark instance disconnected");
+            }
+            tracing::info!(instance = %id.instance, "instance disconnected");
+        }
+    }
+
+    async fn serve(&mut self) -> End {
+        let heartbeat = self.app.config.server.heartbeat();
+        let timeout = self.app.config.server.keepalive_timeout();
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let shutdown = self.app.shutdown.clone();
+        loop {
+            let replaced = self.identity.as_ref().map(|i| i.replaced.clone());
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Close(close::GOING_AWAY, "server shutting down"),
+                _ = async { match &replaced { Some(n) => n.notified().await, None => std::future::pending().await } } => {
+                    return End::Close(close::REPLACED, "instance connected again elsewhere");
+                }
+                incoming = self.socket.recv() => {
+                    let Some(Ok(message)) = incoming else { return End::ClientGone };
+                    self.last_heard = Instant::now();
+                    if let Some(end) = self.on_message(message).await {
+                        return end;
+                    }
+                }
+                frame = recv_live(&mut self.live) => match frame {
+                    Ok(frame) => {
+                        if self.wants(&frame) && self.socket.send(Message::Text(frame.text.clone())).await.is_err() {
+                            return End::ClientGone;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(instance = ?self.identity.as_ref().map(|i| &i.instance), missed = n, "slow consumer cut off");
+                        return End::Close(close::SLOW_CONSUMER, "slow consumer: reconnect and resume");
+                    }
+                    Err(RecvError::Closed) => return End::Close(close::GOING_AWAY, "server shutting down"),
+                },
+                _ = ping.tick() => {
+                    if self.last_heard.elapsed() > timeout {
+                        return End::Close(close::KEEPALIVE_TIMEOUT, "keepalive timeout");
+                    }
+                    if self.socket.send(Message::Ping(bytes::Bytes::from_static(b"confcast"))).await.is_err() {
+                        return End::ClientGone;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After our close frame: keep reading what the client already sent (acks) for a short while.
+    async fn drain_after_close(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(Ok(message))) =
+            tokio::time::timeout_at(deadline, self.socket.recv()).await
+        {
+            match message {
+                Message::Close(_) => break,
+                Message::Text(text) => {
+                    if let Ok(ClientMessage::Ack {
+                        topic,
+                        version,
+                        status,
+                        error,
+                    }) = serde_json::from_str(&text)
+                    {
+                        self.on_ack(topic, version, status, error).await;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn wants(&self, frame: &Frame) -> bool {
+        self.filters.iter().any(|(pattern, above)| {
+            frame.seq > *above && protocol::topic_matches(pattern, &frame.topic)
+        })
+    }
+
+    async fn send(&mut self, message: &ServerMessage) -> Result<(), End> {
+        let text = serde_json::to_string(message).map_err(|_| End::ClientGone)?;
+        self.socket
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|_| End::ClientGone)
+    }
+
+    async fn error(&mut self, code: &str, message: impl Into<String>) -> Option<End> {
+        let message = message.into();
+        tracing::debug!(code, %message, "error frame");
+        self.send(&ServerMessage::Error {
+            code: code.to_string(),
+            message,
+        })
+        .await
+        .err()
+    }
+
+    async fn on_message(&mut self, message: Message) -> Option<End> {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                return self
+                    .error(
+                        error_code::MALFORMED,
+                        "binary frames are not part of the protocol; send JSON text",
+                    )
+                    .await
+            }
+            Message::Close(_) => return Some(End::ClientGone),
+            Message::Ping(_) | Message::Pong(_) => return None,
+        };
+        let parsed: ClientMessage = match serde_json::from_str(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                return self
+                    .error(error_code::MALFORMED, format!("not a client message: {e}"))
+                    .await
+            }
+        };
+        match parsed {
+            ClientMessage::Hello {
+                instance,
+                app,
+                labels,
+            } => self.on_hello(instance, app, labels).await,
+            _ if self.identity.is_none() => {
+                self.error(error_code::OUT_OF_ORDER, "send hello first")
+                    .await
+            }
+            ClientMessage::Subscribe { topics, since } => self.on_subscribe(topics, since).await,
+            ClientMessage::Ack {
+                topic,
+                version,
+                status,
+                error,
+            } => self.on_ack(topic, version, status, error).await,
+        }
+    }
+
+    async fn on_hello(
+        &mut self,
+        instance: String,
+        app: Option<String>,
+        labels: BTreeMap<String, String>,
+    ) -> Option<End> {
+        if self.identity.is_some() {
+            return self
+                .error(
+                    error_code::OUT_OF_ORDER,
+                    "hello was already sent on this connection",
+                )
+                .await;
+        }
+        if instance.is_empty() || instance.len() > 200 || instance.chars().any(char::is_control) {
+            return self
+                .error(
+                    error_code::INVALID,
+                    "instance must be 1 to 200 printable characters",
+                )
+                .await;
+        }
+        let (connection, replaced) = self.app.hub.claim(&instance);
+        let conn = format!("{}/{connection}", self.app.node);
+        if let Err(e) = self
+            .app
+            .store
+            .instance_connected(&instance, app.as_deref(), &labels, &conn, &self.app.node)
+            .await
+        {
+            self.app.hub.release(&instance, connection);
+            tracing::error!(%instance, error = %e, "could not register instance");
+            return self
+                .error(
+                    error_code::INTERNAL,
+                    "could not register the instance; retry",
+                )
+                .await;
+        }
+        tracing::info!(%instance, app = app.as_deref().unwrap_or("-"), "instance connected");
+        self.identity = Some(Identity {
+            instance: instance.clone(),
+            connection,
+            replaced,
+        });
+        let welcome = ServerMessage::Welcome {
+            protocol: protocol::PROTOCOL_VERSION,
+            server: format!("confcast/{}", env!("CARGO_PKG_VERSION")),
+            instance,
+            heartbeat_secs: self.app.config.server.heartbeat_secs,
+        };
+        self.send(&welcome).await.err()
+    }
+
+    async fn on_subscribe(&mut self, topics: Vec<String>, since: Option<u64>) -> Option<End> {
+        if topics.is_empty() {
+            return self
+                .error(
+                    error_code::INVALID,
+                    "subscribe needs at least one topic pattern",
+                )
+                .await;
+        }
+        if let Some(bad) = topics
+            .iter()
+            .find_map(|t| protocol::validate_pattern(t).err())
+        {
+            return self.error(error_code::INVALID, bad).await;
+        }
+        // Listen before reading the store: anything committed after our read is then in the ring.
+        if self.live.is_none() {
+            self.live = Some(self.app.hub.subscribe());
+        }
+        let matches = |topic: &str| topics.iter().any(|p| protocol::topic_matches(p, topic));
+        let result = match since {
+            Some(since) => self.replay(&topics, since, &matches).await,
+            None => self.snapshot(&topics, &matches, None).await,
+        };
+        let upto = match result {
+            Ok(upto) => upto,
+            Err(Some(end)) => return Some(end),
+            Err(None) => {
+                return self
+                    .error(
+                        error_code::INTERNAL,
+                        "could not read the log; retry the subscribe",
+                    )
+                    .await
+            }
+        };
+        for t in &topics {
+            self.filters.push((t.clone(), upto));
+        }
+        let all: Vec<String> = self.filters.iter().map(|(p, _)| p.clone()).collect();
+        if let Some(id) = &self.identity {
+            if let Err(e) = self
+                .app
+                .store
+                .instance_subscriptions(&id.instance, &all)
+                .await
+            {
+                tracing::warn!(instance = %id.instance, error = %e, "could not record subscriptions");
+            }
+        }
+        None
+    }
+
+    /// Sends every matching topic's full state, then `subscribed`. Returns the seq it is valid at.
+    async fn snapshot(
+        &mut self,
+        topics: &[String],
+        matches: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
+        reason: Option<String>,
+    ) -> Result<u64, Option<End>> {
+        let (head, snapshots) = self.app.store.snapshots(matches).await.map_err(|e| {
+            tracing::error!(error = %e, "snapshot read failed");
+            None
+        })?;
+        for s in snapshots {
+            self.send(&ServerMessage::Snapshot(s)).await.map_err(Some)?;
+        }
+        let done = ServerMessage::Subscribed {
+            topics: topics.to_vec(),
+            seq: head,
+            mode: "snapshot".into(),
+            reason,
+        };
+        self.send(&done).await.map_err(Some)?;
+        Ok(head)
+    }
+
+    /// Replays the log after `since` for matching topics, or falls back to a snapshot when the log
+    /// no longer reaches back that far.
+    async fn replay(
+        &mut self,
+        topics: &[String],
+        since: u64,
+        matches: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
+    ) -> Result<u64, Option<End>> {
+        let store = self.app.store.clone();
+        let fail = |e: crate::store::StoreError| {
+            tracing::error!(error = %e, "replay read failed");
+            None
+        };
+        let head = store.head_seq().await.map_err(fail)?;
+        if since > head {
+            let reason =
+                format!("since {since} is ahead of the log head {head} (server data was reset?)");
+            return self.snapshot(topics, matches, Some(reason)).await;
+        }
+        let oldest = store.oldest_seq().await.map_err(fail)?;
+        if since < head && oldest.is_none_or(|o| o > since + 1) {
+            let reason = format!(
+                "since {since} is older than the log kept (oldest seq {})",
+                oldest.unwrap_or(0)
+            );
+            return self.snapshot(topics, matches, Some(reason)).await;
+        }
+        let mut upto = since;
+        loop {
+            let events = store.events_after(upto, 512).await.map_err(fail)?;
+            if events.is_empty() {
+                break;
+            }
+            for e in events {
+                upto = e.seq;
+                if matches(&e.topic) {
+                    self.socket
+                        .send(Message::Text(e.frame.into()))
+                        .await
+                        .map_err(|_| Some(End::ClientGone))?;
+                }
+            }
+        }
+        let done = ServerMessage::Subscribed {
+            topics: topics.to_vec(),
+            seq: upto,
+            mode: "replay".into(),
+            reason: None,
+        };
+        self.send(&done).await.map_err(Some)?;
+        Ok(upto)
+    }
+
+    async fn on_ack(
+        &mut self,
+        topic: String,
+        version: u64,
+        status: protocol::AckStatus,
+        error: Option<String>,
+    ) -> Option<End> {
+        let Some(id) = &self.identity else {
+            return self
+                .error(error_code::OUT_OF_ORDER, "send hello first")
+                .await;
+        };
+        let instance = id.instance.clone();
+        let error = error.map(|e| e.chars().take(4096).collect::<String>());
+        match self
+            .app
+            .store
+            .record_ack(&instance, &topic, version, status, error.as_deref())
+            .await
+        {
+            Ok(Ok(())) => {
+                tracing::info!(%instance, %topic, version, status = status.as_str(), "ack recorded");
+                self.send(&ServerMessage::AckRecorded { topic, version })
+                    .await
+                    .err()
+            }
+            Ok(Err(AckRejection::UnknownTopic)) => {
+                self.error(error_code::UNKNOWN_VERSION, format!("no topic `{topic}`"))
+                    .await
+            }
+            Ok(Err(AckRejection::UnknownVersion { current })) => {
+                self.error(
+                    error_code::UNKNOWN_VERSION,
+                    format!("topic `{topic}` has no version {version} (current is {current})"),
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::error!(%instance, %topic, error = %e, "ack not recorded");
+                self.error(error_code::INTERNAL, "ack not recorded; send it again")
+                    .await
+            }
+        }
+    }
+}
+
+async fn recv_live(
+    live: &mut Option<broadcast::Receiver<Arc<Frame>>>,
+) -> Result<Arc<Frame>, RecvError> {
+    match live {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}

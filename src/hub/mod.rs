@@ -1,0 +1,122 @@
+//! The hub: fans logged changes out to every connection, in sequence order, one shared frame each.
+//!
+//! A single feeder reads the log after the last sequence it sent (woken by a local publish, and on a
+//! timer as a safety net) and puts each event on a bounded broadcast ring. Every connection reads
+//! the ring; one that falls more than the ring's size behind is cut off as a slow consumer instead
+//! of growing memory or slowing anyone else. Reading from the log, never from the publisher's hands,
+//! keeps the order gap-free whoever published.
+
+pub mod connection;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+/// A change as it travels to connections: encoded once, the same bytes for every subscriber.
+#[derive(Debug)]
+pub struct Frame {
+    pub seq: u64,
+    pub topic: String,
+    pub text: Utf8Bytes,
+}
+
+pub struct Hub {
+    ring: broadcast::Sender<Arc<Frame>>,
+    wake: Notify,
+    /// instance id -> (connection id, signal to close it when replaced)
+    live: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    next_connection: std::sync::atomic::AtomicU64,
+}
+
+impl Hub {
+    pub fn new(queue: usize) -> Arc<Hub> {
+        let (ring, _) = broadcast::channel(queue.max(1));
+        Arc::new(Hub {
+            ring,
+            wake: Notify::new(),
+            live: Mutex::new(HashMap::new()),
+            next_connection: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    /// Tells the feeder the log has grown.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A receiver of every frame sent from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Frame>> {
+        self.ring.subscribe()
+    }
+
+    /// Number of open connections reading the ring.
+    pub fn receivers(&self) -> usize {
+        self.ring.receiver_count()
+    }
+
+    /// Runs the feeder until `shutdown`: log order in, ring out.
+    pub async fn feed(self: Arc<Self>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+        let mut sent = match store.head_seq().await {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::error!(error = %e, "hub cannot read the log head; starting from 0");
+                0
+            }
+        };
+        loop {
+            loop {
+                match store.events_after(sent, 512).await {
+                    Ok(events) if events.is_empty() => break,
+                    Ok(events) => {
+                        for e in events {
+                            sent = e.seq;
+                            // No receivers is fine: nobody is connected.
+                            let _ = self.ring.send(Arc::new(Frame {
+                                seq: e.seq,
+                                topic: e.topic,
+                                text: Utf8Bytes::from(e.frame),
+                            }));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, after = sent, "hub cannot read the log; retrying");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Registers `instance` on a new connection; an older connection of the same id is told to close.
+    fn claim(&self, instance: &str) -> (u64, Arc<Notify>) {
+        let id = self
+            .next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let signal = Arc::new(Notify::new());
+        if let Ok(mut live) = self.live.lock() {
+            if let Some((_, old)) = live.insert(instance.to_string(), (id, signal.clone())) {
+                old.notify_one();
+            }
+        }
+        (id, signal)
+    }
+
+    fn release(&self, instance: &str, connection: u64) {
+        if let Ok(mut live) = self.live.lock() {
+            if live.get(instance).is_some_and(|(id, _)| *id == connection) {
+                live.remove(instance);
+            }
+        }
+    }
+}

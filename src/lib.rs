@@ -1,0 +1,125 @@
+//! confcast turns a git repository into a live configuration channel.
+//!
+//! The data path, one module per stage:
+//! - [`webhook`]: verify a forge's signed push, then wake the repo's syncer (never waits for git).
+//! - [`sync`]: one worker per repo fetches with git2, diffs the last published commit against the
+//!   new head and maps changed files to topics ([`sync::rules`]).
+//! - [`store`]: the event log with a gap-free sequence, topic state, instances and acks (SQLite).
+//! - [`hub`]: reads the log in order and fans each change out as one shared frame; runs each
+//!   instance's WebSocket ([`hub::connection`]).
+//! - [`api`]: the router: webhooks, `/ws`, the JSON query API, health probes.
+//! - [`protocol`]: the wire messages shared with [`client`], the embeddable client.
+//!
+//! [`serve`] is what the binary, the demo and the tests all call.
+#![forbid(unsafe_code)]
+
+pub mod protocol;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+#[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod demo;
+#[cfg(feature = "server")]
+pub mod hub;
+#[cfg(feature = "server")]
+pub mod store;
+#[cfg(feature = "server")]
+pub mod sync;
+#[cfg(feature = "server")]
+pub mod webhook;
+
+#[cfg(feature = "server")]
+pub use server::{serve, ServeError};
+
+#[cfg(feature = "server")]
+mod server {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use crate::api::{router, App};
+    use crate::config::Config;
+    use crate::hub::Hub;
+    use crate::store::{self, StoreError};
+    use crate::sync::Syncers;
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum ServeError {
+        #[error("store: {0}")]
+        Store(#[from] StoreError),
+        #[error("cannot create data_dir {path}: {source}")]
+        DataDir {
+            path: String,
+            source: std::io::Error,
+        },
+        #[error("http server: {0}")]
+        Http(#[from] std::io::Error),
+    }
+
+    /// Runs confcast on an already bound `listener` until `shutdown` completes, then closes every
+    /// WebSocket with "going away", flushes acks the instances already sent, and returns.
+    pub async fn serve(
+        listener: TcpListener,
+        config: Config,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let data_dir = config.server.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let store = store::open(&config.store_url()).await?;
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let hub = Hub::new(config.server.connection_queue);
+        tracker.spawn(hub.clone().feed(store.clone(), token.clone()));
+        let syncers = Syncers::start(
+            &config.repos,
+            data_dir,
+            store.clone(),
+            hub.clone(),
+            &tracker,
+            token.clone(),
+        );
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let node = format!(
+            "{}:{port}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "confcast".into())
+        );
+        tracing::info!(addr = ?listener.local_addr().ok(), %node, repos = config.repos.len(), "confcast serving");
+        let app = Arc::new(App {
+            config,
+            store,
+            hub,
+            syncers,
+            node,
+            shutdown: token.clone(),
+            tracker: tracker.clone(),
+        });
+        let stop = token.clone();
+        let server = axum::serve(listener, router(app)).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sockets and flushing acks");
+            stop.cancel();
+        });
+        let result = server.await;
+        token.cancel();
+        tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close within 10 s");
+        }
+        result.map_err(ServeError::Http)
+    }
+}

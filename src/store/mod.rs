@@ -1,0 +1,227 @@
+//! The store: the append-only event log with its gap-free sequence, the current files and version of
+//! every topic, the instances and their acks.
+//!
+//! Invariant it owns: a change gets its sequence number and is committed, together with the new
+//! topic state, in one transaction, before any byte of it is sent. Sequence numbers are 1, 2, 3, ...
+//! with no gap, so a reader that has seen `n` knows exactly what it has not seen.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::protocol::{AckStatus, Change, FileChange, FileStatus, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unsupported store url `{0}` (use sqlite://PATH or postgres://...)")]
+    UnsupportedUrl(String),
+    #[error("cannot create the database directory {path}: {source}")]
+    Directory {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// What one sync found: the new head of a repo and the changes of each topic it touches.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOutcome {
+    pub repo: String,
+    pub commit: String,
+    pub author: String,
+    pub message: String,
+    pub topics: Vec<TopicChange>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TopicChange {
+    pub topic: String,
+    pub files: Vec<ChangedFile>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChangedFile {
+    pub path: String,
+    pub status: FileStatus,
+    pub old_path: Option<String>,
+    pub sha: String,
+    /// `None` for deletions.
+    pub content: Option<Vec<u8>>,
+}
+
+impl ChangedFile {
+    fn to_wire(&self) -> FileChange {
+        let (content, encoding) = match &self.content {
+            Some(bytes) => {
+                let (c, e) = crate::protocol::encode_content(bytes);
+                (Some(c), e)
+            }
+            None => (None, Default::default()),
+        };
+        FileChange {
+            path: self.path.clone(),
+            status: self.status,
+            old_path: self.old_path.clone(),
+            sha: self.sha.clone(),
+            content,
+            encoding,
+        }
+    }
+}
+
+/// A logged change, as read back: its position, its topic and the frame exactly as it is sent.
+#[derive(Debug, Clone)]
+pub struct LoggedEvent {
+    pub seq: u64,
+    pub topic: String,
+    pub frame: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TopicSummary {
+    pub topic: String,
+    pub repo: String,
+    pub version: u64,
+    pub seq: u64,
+    pub commit: String,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub seq: u64,
+    pub version: u64,
+    pub commit: String,
+    pub author: String,
+    pub message: String,
+    pub created_at_ms: i64,
+    pub files: Vec<HistoryFile>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct HistoryFile {
+    pub path: String,
+    pub status: FileStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_path: Option<String>,
+    pub sha: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub app: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub subscriptions: Vec<String>,
+    pub connected: bool,
+    pub node: Option<String>,
+    pub last_seen_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AckRecord {
+    pub instance: String,
+    pub topic: String,
+    pub version: u64,
+    pub status: AckStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub acked_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RepoRecord {
+    pub name: String,
+    pub head: String,
+    pub synced_at_ms: i64,
+}
+
+/// Why an ack was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckRejection {
+    UnknownTopic,
+    UnknownVersion { current: u64 },
+}
+
+/// The store behind confcast. SQLite is the embedded default; PostgreSQL serves several replicas.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The last commit of `repo` that was published, if any.
+    async fn repo_head(&self, repo: &str) -> Result<Option<String>, StoreError>;
+    async fn repos(&self) -> Result<Vec<RepoRecord>, StoreError>;
+
+    /// Writes the new repo head and every topic change in one transaction, giving each change the
+    /// next sequence number and its topic the next version. Returns the changes as logged.
+    async fn publish(&self, outcome: &SyncOutcome) -> Result<Vec<Change>, StoreError>;
+
+    /// Logged events with `seq > after`, in order, at most `limit`.
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<LoggedEvent>, StoreError>;
+    /// The highest sequence number written (0 for an empty log).
+    async fn head_seq(&self) -> Result<u64, StoreError>;
+    /// The lowest sequence number still kept, if the log is not empty.
+    async fn oldest_seq(&self) -> Result<Option<u64>, StoreError>;
+
+    /// A consistent view: the log head and the full state of every topic `filter` accepts.
+    async fn snapshots(
+        &self,
+        filter: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
+    ) -> Result<(u64, Vec<Snapshot>), StoreError>;
+    async fn topics(&self) -> Result<Vec<TopicSummary>, StoreError>;
+    async fn topic_history(&self, topic: &str, limit: u32)
+        -> Result<Vec<HistoryEntry>, StoreError>;
+
+    /// Marks `instance` connected through `connection` on replica `node`.
+    async fn instance_connected(
+        &self,
+        instance: &str,
+        app: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        connection: &str,
+        node: &str,
+    ) -> Result<(), StoreError>;
+    async fn instance_subscriptions(
+        &self,
+        instance: &str,
+        patterns: &[String],
+    ) -> Result<(), StoreError>;
+    /// Marks `instance` disconnected unless a newer connection has taken it over.
+    async fn instance_disconnected(
+        &self,
+        instance: &str,
+        connection: &str,
+    ) -> Result<(), StoreError>;
+    async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+
+    /// Records what `instance` did with `version` of `topic` (its latest word per topic counts).
+    async fn record_ack(
+        &self,
+        instance: &str,
+        topic: &str,
+        version: u64,
+        status: AckStatus,
+        error: Option<&str>,
+    ) -> Result<Result<(), AckRejection>, StoreError>;
+    async fn acks(&self) -> Result<Vec<AckRecord>, StoreError>;
+}
+
+/// Opens the store named by `url`, creating and migrating it when needed.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_string()))
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

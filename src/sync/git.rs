@@ -1,0 +1,301 @@
+//! The git side of a sync: a bare mirror under `data_dir`, a fetch of the one configured branch,
+//! and a tree-to-tree diff (with rename detection) from the last published commit to the new head.
+//!
+//! Blocking code: called from `spawn_blocking` only. The last published commit comes from the store,
+//! never from a webhook payload, so force pushes and lost or reordered webhooks all diff correctly.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use git2::{Delta, DiffFindOptions, DiffOptions, FetchOptions, FileMode, Oid, Repository};
+
+use crate::config::RepoConfig;
+use crate::protocol::FileStatus;
+use crate::store::{ChangedFile, SyncOutcome, TopicChange};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("repo `{repo}`: cannot open the mirror at {path}: {source}")]
+    Mirror {
+        repo: String,
+        path: PathBuf,
+        source: git2::Error,
+    },
+    #[error("repo `{repo}`: fetch of branch `{branch}` from {url} failed: {source}")]
+    Fetch {
+        repo: String,
+        branch: String,
+        url: String,
+        source: git2::Error,
+    },
+    #[error("repo `{repo}`: branch `{branch}` does not exist on the remote (check repos.branch)")]
+    BranchMissing { repo: String, branch: String },
+    #[error("repo `{repo}`: {what}: {source}")]
+    Read {
+        repo: String,
+        what: String,
+        source: git2::Error,
+    },
+}
+
+/// Where the mirror of `repo` lives.
+pub fn mirror_path(data_dir: &Path, repo: &str) -> PathBuf {
+    data_dir.join("mirrors").join(format!("{repo}.git"))
+}
+
+/// Fetches `repo.branch` into the mirror and returns what changed since `last` (the last published
+/// commit), or `None` when the head has not moved.
+pub fn sync(
+    data_dir: &Path,
+    repo: &RepoConfig,
+    last: Option<&str>,
+) -> Result<Option<SyncOutcome>, GitError> {
+    let path = mirror_path(data_dir, &repo.name);
+    let mirror = open_mirror(&path, repo)?;
+    let head = fetch(&mirror, repo)?;
+    if last == Some(head.to_string().as_str()) {
+        return Ok(None);
+    }
+    let read = |what: &str| {
+        let what = what.to_string();
+        let name = repo.name.clone();
+        move |source| GitError::Read {
+            repo: name,
+            what,
+            source,
+        }
+    };
+    let new_commit = mirror.find_commit(head).map_err(read("new head commit"))?;
+    let new_tree = new_commit.tree().map_err(read("new head tree"))?;
+    let old_tree = match last.map(Oid::from_str) {
+        Some(Ok(oid)) => match mirror.find_commit(oid).and_then(|c| c.tree()) {
+            Ok(tree) => Some(tree),
+            Err(e) => {
+                tracing::warn!(repo = %repo.name, last = ?last, error = %e,
+                    "last published commit is not in the mirror; publishing the whole tree");
+                None
+            }
+        },
+        _ => None,
+    };
+    let mut opts = DiffOptions::new();
+    opts.include_typechange(true);
+    let mut diff = mirror
+        .diff_tree_to_tree(old_tree.as_ref(), Some(&new_tree), Some(&mut opts))
+        .map_err(read("diff"))?;
+    let mut find = DiffFindOptions::new();
+    find.renames(true);
+    diff.find_similar(Some(&mut find))
+        .map_err(read("rename detection"))?;
+
+    let mut topics: BTreeMap<String, Vec<ChangedFile>> = BTreeMap::new();
+    for delta in diff.deltas() {
+        let new_file = delta.new_file();
+        let old_file = delta.old_file();
+        let path_of = |f: &git2::DiffFile<'_>| f.path().map(|p| p.to_string_lossy().into_owned());
+        let skip = |mode: FileMode| matches!(mode, FileMode::Link | FileMode::Commit);
+        let (old_path, new_path) = (path_of(&old_file), path_of(&new_file));
+        let blob = |oid: Oid| -> Result<Vec<u8>, GitError> {
+            Ok(mirror
+                .find_blob(oid)
+                .map_err(read("blob"))?
+                .content()
+                .to_vec())
+        };
+        let mut push = |topic: Option<String>, file: ChangedFile| {
+            if let Some(topic) = topic {
+                topics.entry(topic).or_default().push(file);
+            }
+        };
+        match delta.status() {
+            Delta::Deleted => {
+                let (Some(path), false) = (old_path, skip(old_file.mode())) else {
+                    continue;
+                };
+                let file = ChangedFile {
+                    path: path.clone(),
+                    status: FileStatus::Deleted,
+                    old_path: None,
+                    sha: old_file.id().to_string(),
+                    content: None,
+                };
+                push(repo.rules.topic_of(&path), file);
+            }
+            Delta::Added | Delta::Copied | Delta::Modified | Delta::Typechange => {
+                let Some(path) = new_path else { continue };
+                let status = if matches!(delta.status(), Delta::Modified | Delta::Typechange)
+                    && !skip(old_file.mode())
+                {
+                    FileStatus::Modified
+                } else {
+                    FileStatus::Added
+                };
+                if skip(new_file.mode()) {
+                    if status == FileStatus::Modified {
+                        // A file became a symlink or submodule: for instances it is gone.
+                        let file = ChangedFile {
+                            path: path.clone(),
+                            status: FileStatus::Deleted,
+                            old_path: None,
+                            sha: old_file.id().to_string(),
+                            content: None,
+                        };
+                        push(repo.rules.topic_of(&path), file);
+                    }
+                    continue;
+                }
+                let file = ChangedFile {
+                    path: path.clone(),
+                    status,
+                    old_path: None,
+                    sha: new_file.id().to_string(),
+                    content: Some(blob(new_file.id())?),
+                };
+                push(repo.rules.topic_of(&path), file);
+            }
+            Delta::Renamed => {
+                let (Some(from), Some(to)) = (old_path, new_path) else {
+                    continue;
+                };
+                if skip(new_file.mode()) {
+                    continue;
+                }
+                let (from_topic, to_topic) = (repo.rules.topic_of(&from), repo.rules.topic_of(&to));
+                let content = Some(blob(new_file.id())?);
+                let sha = new_file.id().to_string();
+                if from_topic == to_topic {
+                    push(
+                        to_topic,
+                        ChangedFile {
+                            path: to,
+                            status: FileStatus::Renamed,
+                            old_path: Some(from),
+                            sha,
+                            content,
+                        },
+                    );
+                } else {
+                    // Moved between topics: gone from one, new in the other.
+                    push(
+                        from_topic,
+                        ChangedFile {
+                            path: from,
+                            status: FileStatus::Deleted,
+                            old_path: None,
+                            sha: old_file.id().to_string(),
+                            content: None,
+                        },
+                    );
+                    push(
+                        to_topic,
+                        ChangedFile {
+                            path: to,
+                            status: FileStatus::Added,
+                            old_path: None,
+                            sha,
+                            content,
+                        },
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    let author = new_commit.author();
+    let author = match (author.name(), author.email()) {
+        (Some(n), Some(e)) => format!("{n} <{e}>"),
+        (Some(n), None) => n.to_string(),
+        _ => String::new(),
+    };
+    Ok(Some(SyncOutcome {
+        repo: repo.name.clone(),
+        commit: head.to_string(),
+        author,
+        message: new_commit
+            .message()
+            .unwrap_or_default()
+            .trim_end()
+            .to_string(),
+        topics: topics
+            .into_iter()
+            .map(|(topic, mut files)| {
+                files.sort_by(|a, b| a.path.cmp(&b.path));
+                TopicChange { topic, files }
+            })
+            .collect(),
+    }))
+}
+
+fn open_mirror(path: &Path, repo: &RepoConfig) -> Result<Repository, GitError> {
+    let err = |source| GitError::Mirror {
+        repo: repo.name.clone(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let mirror = if path.join("HEAD").exists() {
+        Repository::open_bare(path).map_err(err)?
+    } else {
+        std::fs::create_dir_all(path).map_err(|e| err(git2::Error::from_str(&e.to_string())))?;
+        Repository::init_bare(path).map_err(err)?
+    };
+    Ok(mirror)
+}
+
+/// Fetches the configured branch; returns its new head.
+fn fetch(mirror: &Repository, repo: &RepoConfig) -> Result<Oid, GitError> {
+    let fetch_err = |source| GitError::Fetch {
+        repo: repo.name.clone(),
+        branch: repo.branch.clone(),
+        url: redact_url(&repo.url),
+        source,
+    };
+    let mut remote = mirror.remote_anonymous(&repo.url).map_err(fetch_err)?;
+    let local = format!("refs/remotes/origin/{}", repo.branch);
+    let refspec = format!("+refs/heads/{}:{local}", repo.branch);
+    let mut opts = FetchOptions::new();
+    opts.download_tags(git2::AutotagOption::None);
+    if let Err(source) = remote.fetch(&[refspec.as_str()], Some(&mut opts), None) {
+        let text = source.message().to_ascii_lowercase();
+        if text.contains("couldn't find remote ref") || text.contains("could not find remote ref") {
+            return Err(GitError::BranchMissing {
+                repo: repo.name.clone(),
+                branch: repo.branch.clone(),
+            });
+        }
+        return Err(fetch_err(source));
+    }
+    let reference = mirror
+        .find_reference(&local)
+        .map_err(|_| GitError::BranchMissing {
+            repo: repo.name.clone(),
+            branch: repo.branch.clone(),
+        })?;
+    reference.target().ok_or_else(|| GitError::BranchMissing {
+        repo: repo.name.clone(),
+        branch: repo.branch.clone(),
+    })
+}
+
+/// Drops any user:password part of a URL before it goes into an error or a log.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_reach_messages() {
+        assert_eq!(
+            redact_url("https://user:tok@example.com/r.git"),
+            "https://***@example.com/r.git"
+        );
+        assert_eq!(redact_url("file:///tmp/r.git"), "file:///tmp/r.git");
+    }
+}

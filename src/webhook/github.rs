@@ -1,0 +1,185 @@
+//! GitHub: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>`, JSON or form-encoded
+//! (`payload=<json>`) bodies, `ping` and `push` events.
+
+use axum::http::HeaderMap;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use super::{header, Intake, WebhookError};
+use crate::config::Secret;
+
+const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
+
+/// Checks `X-Hub-Signature-256` over the raw body, in constant time.
+pub fn verify(headers: &HeaderMap, body: &[u8], secret: &Secret) -> Result<(), WebhookError> {
+    let given = header(headers, "x-hub-signature-256").ok_or_else(|| {
+        WebhookError::MissingSignature("X-Hub-Signature-256 header is missing".into())
+    })?;
+    let hex_sig = given
+        .strip_prefix("sha256=")
+        .ok_or(WebhookError::BadSignature)?;
+    let sig = hex::decode(hex_sig).map_err(|_| WebhookError::BadSignature)?;
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.expose()).map_err(|_| WebhookError::BadSignature)?;
+    mac.update(body);
+    // verify_slice compares in constant time.
+    mac.verify_slice(&sig)
+        .map_err(|_| WebhookError::BadSignature)
+}
+
+#[derive(Deserialize)]
+struct PushPayload {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    #[serde(default)]
+    after: Option<String>,
+    #[serde(default)]
+    deleted: bool,
+}
+
+/// The JSON document of a verified body: as is, or the `payload` field of a form body.
+fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, WebhookError> {
+    let content_type = header(headers, "content-type").unwrap_or("application/json");
+    if content_type.starts_with("application/x-www-form-urlencoded") {
+        form_urlencoded::parse(body)
+            .find(|(k, _)| k == "payload")
+            .map(|(_, v)| v.into_owned().into_bytes())
+            .ok_or_else(|| WebhookError::Malformed("form body has no `payload` field".into()))
+    } else {
+        Ok(body.to_vec())
+    }
+}
+
+/// Parses a verified GitHub delivery.
+pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
+    let event = header(headers, "x-github-event").unwrap_or_default();
+    match event {
+        "ping" => Ok(Intake::Ping),
+        "push" => {
+            let json = json_body(headers, body)?;
+            let push: PushPayload = serde_json::from_slice(&json)
+                .map_err(|e| WebhookError::Malformed(format!("GitHub push payload: {e}")))?;
+            let after = push.after.unwrap_or_default();
+            Ok(Intake::Push {
+                deleted: push.deleted || after == ZERO_SHA,
+                git_ref: push.git_ref,
+                after,
+            })
+        }
+        other => Ok(Intake::Ignored(format!(
+            "GitHub event `{other}` is not handled"
+        ))),
+    }
+}
+
+/// Signs `body` as GitHub would: the value of `X-Hub-Signature-256`.
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
+        Ok(mac) => mac,
+        Err(_) => return String::new(),
+    };
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("valid header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn githubs_documented_test_vector_verifies() {
+        let secret = Secret::new("It's a Secret to Everybody");
+        let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert_eq!(sign(secret.expose(), b"Hello, World!"), sig);
+        let h = headers(&[("x-hub-signature-256", sig)]);
+        assert_eq!(verify(&h, b"Hello, World!", &secret), Ok(()));
+        assert_eq!(
+            verify(&h, b"Hello, World?", &secret),
+            Err(WebhookError::BadSignature)
+        );
+        let wrong = Secret::new("another");
+        assert_eq!(
+            verify(&h, b"Hello, World!", &wrong),
+            Err(WebhookError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn malformed_signatures_are_refused_not_panicking() {
+        let secret = Secret::new("s");
+        for sig in ["", "sha256=", "sha256=zz", "sha1=abcd", "757107ea"] {
+            let h = headers(&[("x-hub-signature-256", sig)]);
+            assert_eq!(
+                verify(&h, b"x", &secret),
+                Err(WebhookError::BadSignature),
+                "{sig}"
+            );
+        }
+        assert!(matches!(
+            verify(&HeaderMap::new(), b"x", &secret),
+            Err(WebhookError::MissingSignature(_))
+        ));
+    }
+
+    #[test]
+    fn real_push_payloads_parse_in_both_content_types() {
+        let body = include_bytes!("../../fixtures/webhooks/github-push-branch-created.json");
+        let h = headers(&[
+            ("x-github-event", "push"),
+            ("content-type", "application/json"),
+        ]);
+        let expected = Intake::Push {
+            git_ref: "refs/heads/master".into(),
+            after: "6113728f27ae82c7b1a177c8d03f9e96e0adf246".into(),
+            deleted: false,
+        };
+        assert_eq!(parse(&h, body).expect("json push parses"), expected);
+
+        let form: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair(
+                "payload",
+                std::str::from_utf8(body).expect("fixture is utf-8"),
+            )
+            .finish();
+        let h = headers(&[
+            ("x-github-event", "push"),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ]);
+        assert_eq!(
+            parse(&h, form.as_bytes()).expect("form push parses"),
+            expected
+        );
+    }
+
+    #[test]
+    fn tag_ping_and_other_events() {
+        let tag = include_bytes!("../../fixtures/webhooks/github-push-tag-created.json");
+        let h = headers(&[("x-github-event", "push")]);
+        match parse(&h, tag).expect("tag push parses") {
+            Intake::Push { git_ref, .. } => assert_eq!(git_ref, "refs/tags/simple-tag"),
+            other => panic!("expected a push, got {other:?}"),
+        }
+        let ping = include_bytes!("../../fixtures/webhooks/github-ping.json");
+        assert_eq!(
+            parse(&headers(&[("x-github-event", "ping")]), ping),
+            Ok(Intake::Ping)
+        );
+        assert!(matches!(
+            parse(&headers(&[("x-github-event", "issues")]), b"{}"),
+            Ok(Intake::Ignored(_))
+        ));
+        assert!(matches!(
+            parse(&h, b"{not json"),
+            Err(WebhookError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,653 @@
+//! End to end on the embedded default: webhook -> git sync -> SQLite log -> WebSocket -> ack -> API.
+
+mod util;
+
+use std::time::Duration;
+
+use confcast::protocol::{AckStatus, ClientMessage, FileStatus, ServerMessage};
+use serde_json::Value;
+use util::{config_repo, Instance, TestServer, SECRET};
+
+fn content(change: &confcast::protocol::Change, path: &str) -> Option<String> {
+    change
+        .files
+        .iter()
+        .find(|f| f.path == path)
+        .and_then(|f| f.content.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_push_reaches_three_instances_and_acks_show_in_the_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+
+    let mut instances = Vec::new();
+    for name in ["web-1", "web-2", "web-3"] {
+        let (mut i, snapshots) = Instance::subscribed(&server, name, &["payments"]).await;
+        assert_eq!(
+            snapshots.len(),
+            1,
+            "one snapshot for the one matching topic"
+        );
+        let s = &snapshots[0];
+        assert_eq!((s.topic.as_str(), s.version), ("payments", 1));
+        let paths: Vec<&str> = s.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["payments/app.toml", "payments/limits.json"]);
+        i.ack("payments", 1, AckStatus::Applied, None).await;
+        instances.push(i);
+    }
+
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 9443\n".as_slice()))],
+            "payments: new port",
+        )
+        .expect("commit");
+    let (status, body) = server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "queued");
+    assert_eq!(body["delivery"], "d-1");
+
+    let mut seqs = Vec::new();
+    for i in &mut instances {
+        let change = i.next_change().await;
+        assert_eq!(change.topic, "payments");
+        assert_eq!((change.version, change.previous_version), (2, 1));
+        assert_eq!(change.commit, commit.to_string());
+        assert_eq!(change.message, "payments: new port");
+        assert!(
+            change.author.contains("ada@example.com"),
+            "{}",
+            change.author
+        );
+        assert_eq!(change.files.len(), 1, "only the modified file is sent");
+        assert_eq!(change.files[0].status, FileStatus::Modified);
+        assert_eq!(
+            content(&change, "payments/app.toml").as_deref(),
+            Some("port = 9443\n")
+        );
+        seqs.push(change.seq);
+        i.ack("payments", 2, AckStatus::Applied, None).await;
+    }
+    assert!(
+        seqs.iter().all(|s| *s == seqs[0]),
+        "every instance sees the same seq: {seqs:?}"
+    );
+    // initial sync logged payments (and billing); this is the next change after them
+    assert_eq!(seqs[0], 3);
+
+    let topic = server
+        .wait_topic("payments", |v| v["rollout"]["converged"] == true)
+        .await;
+    assert_eq!(topic["version"], 2);
+    let applied: Vec<&str> = topic["rollout"]["applied"]
+        .as_array()
+        .expect("applied")
+        .iter()
+        .filter_map(|e| e["instance"].as_str())
+        .collect();
+    assert_eq!(applied, ["web-1", "web-2", "web-3"]);
+    let (_, inst) = server.get("/api/v1/instances/web-2").await;
+    assert_eq!(inst["connected"], true);
+    assert_eq!(inst["topics"][0]["topic"], "payments");
+    assert_eq!(inst["topics"][0]["applied_version"], 2);
+    assert_eq!(inst["topics"][0]["status"], "applied");
+    let (_, history) = server.get("/api/v1/topics/payments/history").await;
+    let versions: Vec<u64> = history["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|h| h["version"].as_u64())
+        .collect();
+    assert_eq!(versions, [2, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_push_and_form_encoded_github_push_are_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let mut instances = Vec::new();
+    for name in ["a", "b", "c"] {
+        instances.push(Instance::subscribed(&server, name, &["billing"]).await.0);
+    }
+
+    let commit = repo
+        .commit(
+            "main",
+            &[("billing/plans.yaml", Some(b"plans: [team]\n".as_slice()))],
+            "gitlab push",
+        )
+        .expect("commit");
+    let body = serde_json::json!({"object_kind": "push", "ref": "refs/heads/main", "before": "0".repeat(40), "after": commit.to_string()});
+    let headers = [
+        ("x-gitlab-event", "Push Hook"),
+        ("x-gitlab-token", SECRET),
+        ("content-type", "application/json"),
+    ];
+    let (status, _) = server
+        .webhook(&headers, body.to_string().into_bytes(), None)
+        .await;
+    assert_eq!(status, 202);
+    for i in &mut instances {
+        let c = i.next_change().await;
+        assert_eq!((c.topic.as_str(), c.version), ("billing", 2));
+        assert_eq!(
+            content(&c, "billing/plans.yaml").as_deref(),
+            Some("plans: [team]\n")
+        );
+    }
+
+    // A wrong GitLab token is refused.
+    let bad = [("x-gitlab-event", "Push Hook"), ("x-gitlab-token", "nope")];
+    assert_eq!(server.webhook(&bad, b"{}".to_vec(), None).await.0, 401);
+
+    // GitHub's default content type: payload=<url-encoded JSON>, signature over the form body.
+    let commit = repo
+        .commit(
+            "main",
+            &[(
+                "billing/plans.yaml",
+                Some(b"plans: [team, pro]\n".as_slice()),
+            )],
+            "form push",
+        )
+        .expect("commit");
+    let json =
+        serde_json::json!({"ref": "refs/heads/main", "after": commit.to_string()}).to_string();
+    let form = format!("payload={}", url_encode(&json));
+    let headers = [
+        ("x-github-event", "push"),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    assert_eq!(
+        server
+            .webhook(&headers, form.into_bytes(), Some(SECRET))
+            .await
+            .0,
+        202
+    );
+    for i in &mut instances {
+        let c = i.next_change().await;
+        assert_eq!(c.version, 3);
+        assert_eq!(
+            content(&c, "billing/plans.yaml").as_deref(),
+            Some("plans: [team, pro]\n")
+        );
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renames_deletes_and_moves_between_topics_show_as_such() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "r", &["payments", "billing"]).await;
+
+    let commit = repo
+        .rename(
+            "main",
+            "payments/app.toml",
+            "payments/service.toml",
+            "rename",
+        )
+        .expect("rename");
+    server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    let c = i.next_change().await;
+    assert_eq!(c.topic, "payments");
+    assert_eq!(c.files.len(), 1);
+    assert_eq!(c.files[0].status, FileStatus::Renamed);
+    assert_eq!(c.files[0].path, "payments/service.toml");
+    assert_eq!(c.files[0].old_path.as_deref(), Some("payments/app.toml"));
+    assert_eq!(c.files[0].content.as_deref(), Some("port = 8443\n"));
+
+    let commit = repo
+        .commit("main", &[("payments/limits.json", None)], "delete limits")
+        .expect("delete");
+    server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    let c = i.next_change().await;
+    assert_eq!((c.files.len(), c.files[0].status), (1, FileStatus::Deleted));
+    assert_eq!(c.files[0].path, "payments/limits.json");
+    assert!(c.files[0].content.is_none());
+
+    // A file moved from one topic to another: deleted in one, added in the other.
+    let commit = repo
+        .rename(
+            "main",
+            "payments/service.toml",
+            "billing/service.toml",
+            "move",
+        )
+        .expect("move");
+    server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    let (a, b) = (i.next_change().await, i.next_change().await);
+    assert_eq!(
+        (a.topic.as_str(), a.files[0].status),
+        ("billing", FileStatus::Added)
+    );
+    assert_eq!(
+        (b.topic.as_str(), b.files[0].status),
+        ("payments", FileStatus::Deleted)
+    );
+    assert_eq!(b.seq, a.seq + 1, "one sync's changes take consecutive seqs");
+
+    // The API shows the resulting state.
+    let topic = server.wait_topic("payments", |v| v["version"] == 4).await;
+    assert_eq!(topic["files"], Value::Array(vec![]));
+
+    // Binary content travels base64-encoded and flagged.
+    let commit = repo
+        .commit(
+            "main",
+            &[("billing/logo.bin", Some([0u8, 255, 1, 2].as_slice()))],
+            "binary",
+        )
+        .expect("binary");
+    server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    let c = i.next_change().await;
+    assert_eq!(c.files[0].encoding, confcast::protocol::Encoding::Base64);
+    assert_eq!(c.files[0].content.as_deref(), Some("AP8BAg=="));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_webhooks_get_clear_errors_and_trigger_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start_with(dir.path(), &repo, "max_body_bytes = 65536", "").await;
+    let before = server.wait_syncs(1).await["syncs"].as_u64().expect("syncs");
+    let (mut i, _) = Instance::subscribed(&server, "watcher", &["*"]).await;
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 1\n".as_slice()))],
+            "pending",
+        )
+        .expect("commit");
+    let after = commit.to_string();
+
+    let (status, body) = server.github_push("main", &after, "wrong secret").await;
+    assert_eq!(status, 401);
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("error message")
+            .contains("signature"),
+        "{body}"
+    );
+    let unsigned = serde_json::json!({"ref": "refs/heads/main", "after": after})
+        .to_string()
+        .into_bytes();
+    assert_eq!(
+        server
+            .webhook(&[("x-github-event", "push")], unsigned.clone(), None)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        server.webhook(&[], unsigned.clone(), None).await.0,
+        401,
+        "no forge headers at all"
+    );
+
+    let reply = server
+        .http
+        .post(server.url("/webhooks/nope"))
+        .header("x-github-event", "push")
+        .body("{}")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(reply.status().as_u16(), 404);
+
+    let huge = vec![b' '; 100 * 1024];
+    assert_eq!(
+        server
+            .webhook(&[("x-github-event", "push")], huge, Some(SECRET))
+            .await
+            .0,
+        413
+    );
+
+    let (status, body) = server
+        .webhook(
+            &[("x-github-event", "push")],
+            b"{\"ref\": ".to_vec(),
+            Some(SECRET),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("message")
+            .contains("malformed"),
+        "{body}"
+    );
+
+    // Ping answers 200; other events and refs are ignored with a reason.
+    assert_eq!(
+        server
+            .webhook(
+                &[("x-github-event", "ping")],
+                b"{\"zen\":\"x\"}".to_vec(),
+                Some(SECRET)
+            )
+            .await
+            .0,
+        200
+    );
+    let (status, body) = server.github_push("feature/x", &after, SECRET).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("ignored")));
+    assert!(body["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("refs/heads/feature/x"));
+    let tag = serde_json::json!({"ref": "refs/tags/v1", "after": after})
+        .to_string()
+        .into_bytes();
+    let (status, body) = server
+        .webhook(&[("x-github-event", "push")], tag, Some(SECRET))
+        .await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("ignored")));
+    let deleted =
+        serde_json::json!({"ref": "refs/heads/main", "after": "0".repeat(40), "deleted": true})
+            .to_string()
+            .into_bytes();
+    let (status, body) = server
+        .webhook(&[("x-github-event", "push")], deleted, Some(SECRET))
+        .await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("ignored")));
+    let (status, body) = server
+        .webhook(
+            &[("x-github-event", "issues")],
+            b"{}".to_vec(),
+            Some(SECRET),
+        )
+        .await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("ignored")));
+
+    // None of that synced or published anything.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, repos) = server.get("/api/v1/repos").await;
+    assert_eq!(repos["repos"][0]["syncs"].as_u64(), Some(before));
+    assert!(
+        i.maybe_next(Duration::from_millis(200)).await.is_none(),
+        "no change was sent"
+    );
+
+    // The same push, properly signed, does go through.
+    assert_eq!(server.github_push("main", &after, SECRET).await.0, 202);
+    let c = i.next_change().await;
+    assert_eq!((c.topic.as_str(), c.version), ("payments", 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_log_topics_and_acks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let mut server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "keeper", &["payments"]).await;
+    i.ack("payments", 1, AckStatus::Applied, None).await;
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 2\n".as_slice()))],
+            "v2",
+        )
+        .expect("commit");
+    server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    let c = i.next_change().await;
+    i.ack(
+        "payments",
+        2,
+        AckStatus::Failed,
+        Some("port 2 is privileged"),
+    )
+    .await;
+
+    server.stop().await;
+    match i.session.next().await {
+        Err(confcast::client::ClientError::Closed { code, .. }) => {
+            assert_eq!(code, 1001, "going away on shutdown")
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    server.restart().await;
+    server.wait_syncs(1).await;
+
+    let topic = server.wait_topic("payments", |_| true).await;
+    assert_eq!(topic["version"], 2);
+    assert_eq!(topic["seq"], c.seq);
+    assert_eq!(topic["rollout"]["failed"][0]["instance"], "keeper");
+    assert_eq!(
+        topic["rollout"]["failed"][0]["error"],
+        "port 2 is privileged"
+    );
+    let (_, inst) = server.get("/api/v1/instances/keeper").await;
+    assert_eq!(
+        inst["connected"], false,
+        "nobody is connected after the restart"
+    );
+    assert_eq!(inst["topics"][0]["applied_version"], 2);
+    let (_, history) = server.get("/api/v1/topics/payments/history").await;
+    assert_eq!(history["history"].as_array().map(Vec::len), Some(2));
+
+    // A reconnecting instance resumes from its seq: the log replays what it missed, nothing more.
+    let mut back = Instance::connect(&server, "keeper").await;
+    back.session
+        .subscribe(&["payments".into()], Some(c.seq - 1))
+        .await
+        .expect("subscribe");
+    let replayed = back.next_change().await;
+    assert_eq!((replayed.seq, replayed.version), (c.seq, 2));
+    match back.next().await {
+        ServerMessage::Subscribed { seq, mode, .. } => {
+            assert_eq!((seq, mode.as_str()), (c.seq, "replay"))
+        }
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    // A new commit made while the server was down is picked up by the startup sync.
+    assert_eq!(
+        server.get("/api/v1/instances/keeper").await.1["connected"],
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_one_client_gets_error_frames_and_harms_no_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut good, _) = Instance::subscribed(&server, "good", &["payments"]).await;
+
+    // Raw socket: frames before hello, broken JSON, unknown types, bad acks.
+    let (mut raw, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .expect("raw connect");
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut expect_error = async |frame: Message, code: &str| {
+        raw.send(frame).await.expect("send");
+        loop {
+            let msg = tokio::time::timeout(util::WAIT, raw.next())
+                .await
+                .expect("reply")
+                .expect("open")
+                .expect("frame");
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(&t).expect("json");
+                assert_eq!(v["type"], "error", "{v}");
+                assert_eq!(v["code"], code, "{v}");
+                return;
+            }
+        }
+    };
+    expect_error(
+        Message::text(r#"{"type":"subscribe","topics":["payments"]}"#),
+        "out_of_order",
+    )
+    .await;
+    expect_error(Message::text("not json at all"), "malformed").await;
+    expect_error(Message::text(r#"{"type":"launch_missiles"}"#), "malformed").await;
+    expect_error(Message::binary(vec![0u8, 1, 2]), "malformed").await;
+    expect_error(
+        Message::text(r#"{"type":"hello","instance":""}"#),
+        "invalid",
+    )
+    .await;
+    expect_error(Message::text("\u{0}\u{ffff}"), "malformed").await;
+
+    // The same connection still works once it speaks properly.
+    raw.send(Message::text(r#"{"type":"hello","instance":"raw"}"#))
+        .await
+        .expect("hello");
+    let welcome = raw.next().await.expect("open").expect("frame");
+    assert!(welcome.to_text().expect("text").contains("welcome"));
+    raw.send(Message::text(
+        r#"{"type":"ack","topic":"payments","version":99,"status":"applied"}"#,
+    ))
+    .await
+    .expect("ack");
+    let err = raw.next().await.expect("open").expect("frame");
+    assert!(
+        err.to_text().expect("text").contains("unknown_version"),
+        "{err:?}"
+    );
+    raw.send(Message::text(r#"{"type":"hello","instance":"raw"}"#))
+        .await
+        .expect("second hello");
+    let err = raw.next().await.expect("open").expect("frame");
+    assert!(
+        err.to_text().expect("text").contains("out_of_order"),
+        "{err:?}"
+    );
+
+    // Meanwhile the well-behaved instance gets its change as usual.
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 3\n".as_slice()))],
+            "v2",
+        )
+        .expect("commit");
+    server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    assert_eq!(good.next_change().await.version, 2);
+    good.ack("payments", 2, AckStatus::Applied, None).await;
+
+    // An instance sending a bogus ack through the client API gets an error, not a disconnect.
+    good.session
+        .send(&ClientMessage::Ack {
+            topic: "nope".into(),
+            version: 1,
+            status: AckStatus::Applied,
+            error: None,
+        })
+        .await
+        .expect("send");
+    match good.next().await {
+        ServerMessage::Error { code, .. } => assert_eq!(code, "unknown_version"),
+        other => panic!("expected error frame, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_during_a_sync_coalesce_and_versions_only_go_forward() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "c", &["payments"]).await;
+    let mut last = String::new();
+    for n in 0..10 {
+        let body = format!("port = {n}\n");
+        last = repo
+            .commit(
+                "main",
+                &[("payments/app.toml", Some(body.as_bytes()))],
+                "burst",
+            )
+            .expect("commit")
+            .to_string();
+        assert_eq!(server.github_push("main", &last, SECRET).await.0, 202);
+    }
+    let mut previous = 1;
+    loop {
+        let c = i.next_change().await;
+        assert_eq!(c.previous_version, previous, "no version is skipped");
+        previous = c.version;
+        if c.commit == last {
+            assert_eq!(
+                content(&c, "payments/app.toml").as_deref(),
+                Some("port = 9\n")
+            );
+            break;
+        }
+    }
+    let repo_state = server.wait_syncs(2).await;
+    assert_eq!(repo_state["head"], last);
+    assert!(previous <= 11, "at most one version per push");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_json_errors_and_probes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    assert_eq!(server.get("/healthz").await.0, 200);
+    let (status, ready) = server.get("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
+    let (status, body) = server.get("/api/v1/topics/nope").await;
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().expect("message").contains("nope"));
+    assert_eq!(server.get("/api/v1/instances/ghost").await.0, 404);
+    let (_, topics) = server.get("/api/v1/topics").await;
+    let names: Vec<&str> = topics["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .filter_map(|t| t["topic"].as_str())
+        .collect();
+    assert_eq!(names, ["billing", "payments"]);
+    let reply = server
+        .http
+        .post(server.url("/api/v1/repos/cfg/sync"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(reply.status().as_u16(), 202);
+    server.wait_syncs(2).await;
+}

@@ -1,0 +1,283 @@
+//! Helpers so each end-to-end test reads as a short story: a real bare repo, the real server on
+//! port 0 over SQLite, real WebSocket instances, real signed HTTP webhooks.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use confcast::client::{Identity, Session};
+pub use confcast::demo::ConfigRepo;
+use confcast::protocol::{AckStatus, Change, ServerMessage, Snapshot};
+use serde_json::Value;
+
+pub const SECRET: &str = "test-webhook-secret";
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A config repo with a few files on `main`.
+pub fn config_repo(dir: &Path) -> ConfigRepo {
+    let repo = ConfigRepo::init(&dir.join("origin.git")).expect("init bare repo");
+    repo.commit(
+        "main",
+        &[
+            ("payments/app.toml", Some(b"port = 8443\n".as_slice())),
+            (
+                "payments/limits.json",
+                Some(br#"{"daily": 100}"#.as_slice()),
+            ),
+            ("billing/plans.yaml", Some(b"plans: []\n".as_slice())),
+        ],
+        "initial",
+    )
+    .expect("initial commit");
+    repo
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    toml: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), confcast::ServeError>>>,
+    pub http: reqwest::Client,
+}
+
+impl TestServer {
+    /// Starts confcast on 127.0.0.1:0 serving `repo` as repo `cfg`, with `extra` TOML appended to the repo entry.
+    pub async fn start(dir: &Path, repo: &ConfigRepo, extra: &str) -> TestServer {
+        Self::start_with(dir, repo, "", extra).await
+    }
+
+    /// Like `start`, with `server_extra` TOML lines added to `[server]`.
+    pub async fn start_with(dir: &Path, repo: &ConfigRepo, server_extra: &str, extra: &str) -> TestServer {
+        let data_dir = dir.join("data");
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server_extra}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n{extra}\n",
+            data_dir.display(),
+            repo.url()
+        );
+        Self::start_toml(data_dir, toml).await
+    }
+
+    pub async fn start_toml(data_dir: PathBuf, toml: String) -> TestServer {
+        let config =
+            confcast::config::Config::parse(&toml, std::iter::empty(), &data_dir, &|_| None)
+                .expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(confcast::serve(listener, config, async move {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            data_dir,
+            toml,
+            stop: Some(tx),
+            task: Some(task),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Graceful shutdown; waits until the server returned.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(WAIT, task)
+                .await
+                .expect("server stops in time")
+                .expect("server task");
+            result.expect("server returned cleanly");
+        }
+    }
+
+    /// Stops and starts again on the same data directory (new port).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let fresh = TestServer::start_toml(self.data_dir.clone(), self.toml.clone()).await;
+        *self = fresh;
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let reply = self.http.get(self.url(path)).send().await.expect("GET");
+        let status = reply.status().as_u16();
+        (status, reply.json().await.expect("JSON body"))
+    }
+
+    /// Waits until the repo `cfg` has synced at least `n` times with no error.
+    pub async fn wait_syncs(&self, n: u64) -> Value {
+        let result = tokio::time::timeout(WAIT, async {
+            loop {
+                let (_, v) = self.get("/api/v1/repos").await;
+                let repo = v["repos"][0].clone();
+                if repo["syncs"].as_u64().unwrap_or(0) >= n && repo["syncing"] == false {
+                    return repo;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        result.expect("repo synced in time")
+    }
+
+    /// Polls the topic until `f` accepts it.
+    pub async fn wait_topic(&self, topic: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let result = tokio::time::timeout(WAIT, async {
+            loop {
+                let (status, v) = self.get(&format!("/api/v1/topics/{topic}")).await;
+                if status == 200 && f(&v) {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        result.expect("topic reached the expected state in time")
+    }
+
+    /// Sends a GitHub push webhook for `branch`, signed with `secret`.
+    pub async fn github_push(&self, branch: &str, after: &str, secret: &str) -> (u16, Value) {
+        let body = serde_json::json!({"ref": format!("refs/heads/{branch}"), "before": "0".repeat(40), "after": after}).to_string();
+        self.webhook(
+            &[
+                ("x-github-event", "push"),
+                ("x-github-delivery", "d-1"),
+                ("content-type", "application/json"),
+            ],
+            body.into_bytes(),
+            Some(secret),
+        )
+        .await
+    }
+
+    /// Posts `body` to `/webhooks/cfg` with `headers`, adding a GitHub signature when `sign_with` is set.
+    pub async fn webhook(
+        &self,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        sign_with: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self.http.post(self.url("/webhooks/cfg"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(secret) = sign_with {
+            req = req.header("x-hub-signature-256", sign_github(secret, &body));
+        }
+        let reply = req.body(body).send().await.expect("POST webhook");
+        let status = reply.status().as_u16();
+        (status, reply.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub fn sign_github(secret: &str, body: &[u8]) -> String {
+    confcast::webhook::github::sign(secret.as_bytes(), body)
+}
+
+/// A real WebSocket instance.
+pub struct Instance {
+    pub name: String,
+    pub session: Session,
+}
+
+impl Instance {
+    pub async fn connect(server: &TestServer, name: &str) -> Instance {
+        let identity = Identity {
+            instance: name.into(),
+            app: Some("test".into()),
+            ..Default::default()
+        };
+        let session = Session::connect(&server.ws_url(), &identity)
+            .await
+            .expect("instance connects");
+        Instance {
+            name: name.into(),
+            session,
+        }
+    }
+
+    /// Connects, subscribes to `topics` and reads up to `subscribed`; returns the snapshots.
+    pub async fn subscribed(
+        server: &TestServer,
+        name: &str,
+        topics: &[&str],
+    ) -> (Instance, Vec<Snapshot>) {
+        let mut i = Instance::connect(server, name).await;
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        i.session.subscribe(&topics, None).await.expect("subscribe");
+        let mut snapshots = Vec::new();
+        loop {
+            match i.next().await {
+                ServerMessage::Snapshot(s) => snapshots.push(s),
+                ServerMessage::Subscribed { .. } => return (i, snapshots),
+                other => panic!("{name}: unexpected frame while subscribing: {other:?}"),
+            }
+        }
+    }
+
+    pub async fn next(&mut self) -> ServerMessage {
+        tokio::time::timeout(WAIT, self.session.next())
+            .await
+            .unwrap_or_else(|_| panic!("{}: no frame within {WAIT:?}", self.name))
+            .unwrap_or_else(|e| panic!("{}: connection failed: {e}", self.name))
+    }
+
+    /// The next frame, or `None` if nothing arrives within `within`.
+    pub async fn maybe_next(&mut self, within: Duration) -> Option<ServerMessage> {
+        tokio::time::timeout(within, self.session.next())
+            .await
+            .ok()
+            .map(|r| r.expect("connection stays up"))
+    }
+
+    /// Reads frames until a change arrives (skipping ack receipts).
+    pub async fn next_change(&mut self) -> Change {
+        loop {
+            match self.next().await {
+                ServerMessage::Change(c) => return c,
+                ServerMessage::AckRecorded { .. } => continue,
+                other => panic!("{}: expected a change, got {other:?}", self.name),
+            }
+        }
+    }
+
+    /// Acks and waits for the server's receipt.
+    pub async fn ack(&mut self, topic: &str, version: u64, status: AckStatus, error: Option<&str>) {
+        self.session
+            .ack(topic, version, status, error.map(str::to_owned))
+            .await
+            .expect("send ack");
+        loop {
+            match self.next().await {
+                ServerMessage::AckRecorded {
+                    topic: t,
+                    version: v,
+                } if t == topic && v == version => return,
+                ServerMessage::Error { code, message } => {
+                    panic!("{}: ack refused: {code}: {message}", self.name)
+                }
+                _ => continue,
+            }
+        }
+    }
+}
