@@ -388,3 +388,103 @@ fn step<'a>(value: &'a mut toml::Value, part: &str, create: bool) -> Option<&'a 
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[server]
+listen = "127.0.0.1:9000"
+
+[[repos]]
+name = "cfg"
+url = "file:///tmp/x.git"
+secret_env = "HOOK_SECRET"
+"#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = |name: &str| (name == "HOOK_SECRET").then(|| "s3cret".to_string());
+        Config::parse(text, env, Path::new("."), &lookup)
+    }
+
+    #[test]
+    fn defaults_and_secret_from_env() {
+        let c = parse(BASE, &[]).expect("valid");
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.repos[0].branch, "main");
+        assert_eq!(
+            c.repos[0].webhook_secret.as_ref().map(Secret::expose),
+            Some(b"s3cret".as_slice())
+        );
+        assert_eq!(c.store_url(), "sqlite://./data/confcast.db");
+        assert_eq!(
+            format!("{:?}", c.repos[0].webhook_secret),
+            "Some(Secret(***))"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_keys_including_array_entries() {
+        let c = parse(
+            BASE,
+            &[
+                ("CONFCAST_SERVER__LISTEN", "0.0.0.0:7000"),
+                ("CONFCAST_SERVER__HEARTBEAT_SECS", "5"),
+                ("CONFCAST_REPOS__0__BRANCH", "production"),
+                ("CONFCAST_STORE__URL", "sqlite:///var/lib/c.db"),
+                (
+                    "CONFCAST_WEBHOOK_SECRET",
+                    "not an override: no double underscore",
+                ),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:7000");
+        assert_eq!(c.server.heartbeat_secs, 5);
+        assert_eq!(c.repos[0].branch, "production");
+        assert_eq!(c.store_url(), "sqlite:///var/lib/c.db");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let unknown = parse(
+            &BASE
+                .replace("branch", "x")
+                .replace("secret_env", "secret_envv"),
+            &[],
+        )
+        .expect_err("unknown key");
+        assert!(unknown.to_string().contains("repos[0]"), "{unknown}");
+        assert!(unknown.to_string().contains("secret_envv"), "{unknown}");
+
+        let bad_type =
+            parse(BASE, &[("CONFCAST_SERVER__LISTEN", "not-an-address")]).expect_err("bad listen");
+        assert!(bad_type.to_string().contains("server.listen"), "{bad_type}");
+
+        let missing =
+            parse(&BASE.replace("HOOK_SECRET", "UNSET_VAR"), &[]).expect_err("unset secret");
+        assert!(
+            missing.to_string().contains("repos[0].secret_env"),
+            "{missing}"
+        );
+
+        let rule = format!("{BASE}\n[[repos.topics]]\npattern = \"a/*\"\ntopic = \"{{3}}\"\n");
+        let bad_rule = parse(&rule, &[]).expect_err("bad rule");
+        assert!(
+            bad_rule.to_string().contains("repos[0].topics[0]"),
+            "{bad_rule}"
+        );
+
+        let dup =
+            format!("{BASE}\n[[repos]]\nname = \"cfg\"\nurl = \"file:///y\"\nsecret = \"x\"\n");
+        assert!(parse(&dup, &[])
+            .expect_err("duplicate")
+            .to_string()
+            .contains("repos[1].name"));
+    }
+}

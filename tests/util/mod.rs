@@ -49,7 +49,12 @@ impl TestServer {
     }
 
     /// Like `start`, with `server_extra` TOML lines added to `[server]`.
-    pub async fn start_with(dir: &Path, repo: &ConfigRepo, server_extra: &str, extra: &str) -> TestServer {
+    pub async fn start_with(
+        dir: &Path,
+        repo: &ConfigRepo,
+        server_extra: &str,
+        extra: &str,
+    ) -> TestServer {
         let data_dir = dir.join("data");
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server_extra}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n{extra}\n",
