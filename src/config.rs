@@ -45,7 +45,29 @@ pub struct Config {
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
+    pub retention: RetentionConfig,
+    #[serde(default)]
     pub repos: Vec<RepoConfig>,
+}
+
+/// How much of the event log is kept for resuming instances. An instance whose `since` is older
+/// than what is kept gets a snapshot instead; topic state itself is never trimmed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Keep at most this many most recent events (0 = no count limit).
+    pub max_events: u64,
+    /// Drop events older than this many seconds (0 = no age limit).
+    pub max_age_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_events: 100_000,
+            max_age_secs: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -63,6 +85,14 @@ pub struct ServerConfig {
     pub keepalive_timeout_secs: u64,
     /// Live events buffered per connection before it counts as a slow consumer and is cut off.
     pub connection_queue: usize,
+    /// Instances must present this token (`Authorization: Bearer ...` or `?token=`) when set:
+    /// the name of the environment variable holding it.
+    pub client_token_env: Option<String>,
+    /// The same, read from a file.
+    pub client_token_file: Option<PathBuf>,
+    /// Filled in by validation.
+    #[serde(skip)]
+    pub client_token: Option<Secret>,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +104,9 @@ impl Default for ServerConfig {
             heartbeat_secs: 15,
             keepalive_timeout_secs: 45,
             connection_queue: 1024,
+            client_token_env: None,
+            client_token_file: None,
+            client_token: None,
         }
     }
 }
@@ -218,6 +251,32 @@ impl Config {
                 "must be longer than server.heartbeat_secs",
             ));
         }
+        self.server.client_token = match (
+            &self.server.client_token_env,
+            &self.server.client_token_file,
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::key(
+                    "server.client_token_env",
+                    "give only one of client_token_env, client_token_file",
+                ))
+            }
+            (Some(var), None) => Some(
+                lookup(var)
+                    .and_then(|v| non_empty(v.into_bytes()))
+                    .ok_or_else(|| {
+                        ConfigError::key(
+                            "server.client_token_env",
+                            format!("environment variable {var} is not set or empty"),
+                        )
+                    })?,
+            ),
+            (None, Some(file)) => Some(
+                read_secret_file(&base.join(file))
+                    .map_err(|m| ConfigError::key("server.client_token_file", m))?,
+            ),
+            (None, None) => None,
+        };
         if let Some(url) = &self.store.url {
             if !(url.starts_with("sqlite:")
                 || url.starts_with("postgres://")
@@ -308,19 +367,9 @@ fn resolve_secret(
             .ok_or(("secret_env", format!("environment variable {var} is empty")));
     }
     if let Some(file) = &repo.secret_file {
-        let path = base.join(file);
-        let mut bytes = std::fs::read(&path).map_err(|e| {
-            (
-                "secret_file",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?;
-        while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            bytes.pop();
-        }
-        return non_empty(bytes)
+        return read_secret_file(&base.join(file))
             .map(Some)
-            .ok_or(("secret_file", format!("{} is empty", path.display())));
+            .map_err(|m| ("secret_file", m));
     }
     if let Some(secret) = &repo.secret {
         tracing::warn!(repo = %repo.name, "webhook secret given inline in the config; prefer secret_env or secret_file");
@@ -330,6 +379,16 @@ fn resolve_secret(
     }
     tracing::warn!(repo = %repo.name, "no webhook secret configured: every webhook for this repo will be refused (401)");
     Ok(None)
+}
+
+/// Reads a secret from a file, without its trailing newline.
+fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let mut bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    non_empty(bytes).ok_or_else(|| format!("{} is empty", path.display()))
 }
 
 fn non_empty(bytes: Vec<u8>) -> Option<Secret> {

@@ -9,12 +9,15 @@
 //!   instance's WebSocket ([`hub::connection`]).
 //! - [`api`]: the router: webhooks, `/ws`, the JSON query API, health probes.
 //! - [`protocol`]: the wire messages shared with [`client`], the embeddable client.
+//! - [`agent`]: `confcast agent`, files on disk plus a reload command, built on the client.
 //!
 //! [`serve`] is what the binary, the demo and the tests all call.
 #![forbid(unsafe_code)]
 
 pub mod protocol;
 
+#[cfg(feature = "client")]
+pub mod agent;
 #[cfg(feature = "client")]
 pub mod client;
 
@@ -84,6 +87,7 @@ mod server {
         tracker.spawn(hub.clone().feed(store.clone(), token.clone()));
         let syncers = Syncers::start(
             &config.repos,
+            &config.retention,
             data_dir,
             store.clone(),
             hub.clone(),

@@ -30,6 +30,8 @@ enum Command {
         #[arg(long, default_value = "config/confcast.toml")]
         config: PathBuf,
     },
+    /// Materialize topics as files under a directory and run a reload command on each new version.
+    Agent(Box<AgentArgs>),
     /// The embedded-default tour: a local repo, the server on SQLite, three instances, a signed push.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -41,6 +43,132 @@ enum Command {
         #[arg(long)]
         exit_when_converged: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// TOML file with the same settings (flags given here override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Server WebSocket URL; repeat for several servers (tried in turn).
+    #[arg(long = "server")]
+    servers: Vec<String>,
+    #[arg(long)]
+    instance: Option<String>,
+    #[arg(long)]
+    app: Option<String>,
+    /// A label as key=value; repeatable.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// A topic pattern; repeatable.
+    #[arg(long = "topic")]
+    topics: Vec<String>,
+    /// Where the files go.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Reload command, run with `sh -c` after each new version.
+    #[arg(long)]
+    exec: Option<String>,
+    /// Seconds the reload command may take.
+    #[arg(long)]
+    exec_timeout: Option<u64>,
+    /// Put the previous files back when the reload command fails.
+    #[arg(long)]
+    rollback_on_failure: bool,
+    /// Environment variable holding the client token.
+    #[arg(long)]
+    token_env: Option<String>,
+    /// Where the agent keeps its resume state (default DIR/.confcast/state).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+/// The agent's TOML file.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    #[serde(default)]
+    servers: Vec<String>,
+    instance: Option<String>,
+    app: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    dir: Option<PathBuf>,
+    exec: Option<String>,
+    exec_timeout_secs: Option<u64>,
+    #[serde(default)]
+    rollback_on_failure: bool,
+    token_env: Option<String>,
+    state_dir: Option<PathBuf>,
+}
+
+fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOptions> {
+    let file: AgentFile = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?
+        }
+        None => AgentFile::default(),
+    };
+    let servers = if args.servers.is_empty() {
+        file.servers
+    } else {
+        args.servers
+    };
+    anyhow::ensure!(
+        !servers.is_empty(),
+        "give at least one --server ws://host:port/ws (or `servers` in the file)"
+    );
+    let instance = args
+        .instance
+        .or(file.instance)
+        .context("give --instance (or `instance` in the file)")?;
+    let dir = args
+        .dir
+        .or(file.dir)
+        .context("give --dir (or `dir` in the file)")?;
+    let topics = if args.topics.is_empty() {
+        file.topics
+    } else {
+        args.topics
+    };
+    anyhow::ensure!(
+        !topics.is_empty(),
+        "give at least one --topic (or `topics` in the file)"
+    );
+    let mut labels = file.labels;
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l}: expected key=value"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let token = match args.token_env.or(file.token_env) {
+        Some(var) => Some(
+            std::env::var(&var)
+                .with_context(|| format!("token environment variable {var} is not set"))?,
+        ),
+        None => None,
+    };
+    let mut client = confcast::client::ClientOptions::new(servers[0].clone(), instance, &[]);
+    client.urls = servers;
+    client.topics = topics;
+    client.identity.app = args.app.or(file.app);
+    client.identity.labels = labels;
+    client.token = token;
+    client.state_dir = args.state_dir.or(file.state_dir);
+    Ok(confcast::agent::AgentOptions {
+        client,
+        dir,
+        exec: args.exec.or(file.exec),
+        exec_timeout: std::time::Duration::from_secs(
+            args.exec_timeout.or(file.exec_timeout_secs).unwrap_or(30),
+        ),
+        rollback_on_failure: args.rollback_on_failure || file.rollback_on_failure,
+    })
 }
 
 fn main() -> ExitCode {
@@ -109,6 +237,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 for rule in &repo.topics {
                     println!("  topics  : {} -> {}", rule.pattern, rule.topic);
                 }
+            }
+            Ok(())
+        }
+        Command::Agent(args) => {
+            let opts = agent_options(*args)?;
+            if let Err(e) = confcast::agent::run(opts, shutdown_signal()).await {
+                eprintln!("error: {e}");
+                std::process::exit(3);
             }
             Ok(())
         }

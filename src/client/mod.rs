@@ -6,6 +6,12 @@
 //! version of each topic once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+mod reconnect;
+pub mod state;
+
+pub use reconnect::{Client, ClientOptions, Delivery, Update, UpdateKind};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -52,22 +58,42 @@ pub struct Session {
     cursor: Option<u64>,
     /// Highest version seen per topic, to drop replays of versions already delivered.
     versions: HashMap<String, u64>,
+    /// The server's ping interval, from its welcome.
+    heartbeat: Duration,
 }
 
 impl Session {
     /// Connects to `url` (`ws://host:port/ws`) and says hello; returns after the server's welcome.
     pub async fn connect(url: &str, identity: &Identity) -> Result<Session, ClientError> {
-        let (socket, _) =
-            tokio_tungstenite::connect_async(url)
-                .await
-                .map_err(|e| ClientError::Connect {
-                    url: url.to_string(),
-                    source: Box::new(e),
-                })?;
+        Session::connect_with(url, identity, None).await
+    }
+
+    /// Like [`Session::connect`], presenting `token` as `Authorization: Bearer <token>`.
+    pub async fn connect_with(
+        url: &str,
+        identity: &Identity,
+        token: Option<&str>,
+    ) -> Result<Session, ClientError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let connect_err = |e| ClientError::Connect {
+            url: url.to_string(),
+            source: Box::new(e),
+        };
+        let mut request = url.into_client_request().map_err(connect_err)?;
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                ClientError::Protocol("the token is not a valid header value".into())
+            })?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(connect_err)?;
         let mut session = Session {
             socket,
             cursor: None,
             versions: HashMap::new(),
+            heartbeat: Duration::from_secs(15),
         };
         session
             .send(&ClientMessage::Hello {
@@ -77,7 +103,10 @@ impl Session {
             })
             .await?;
         match session.recv_raw().await? {
-            ServerMessage::Welcome { .. } => Ok(session),
+            ServerMessage::Welcome { heartbeat_secs, .. } => {
+                session.heartbeat = Duration::from_secs(heartbeat_secs.max(1));
+                Ok(session)
+            }
             ServerMessage::Error { code, message } => Err(ClientError::Refused { code, message }),
             other => Err(ClientError::Protocol(format!(
                 "expected welcome, got {other:?}"
@@ -107,6 +136,16 @@ impl Session {
 
     pub fn cursor(&self) -> Option<u64> {
         self.cursor
+    }
+
+    /// The server's ping interval: a connection silent for a few of these is dead.
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
+    /// The next frame exactly as the server sent it (no dedupe): for clients that keep their own state.
+    pub async fn next_raw(&mut self) -> Result<ServerMessage, ClientError> {
+        self.recv_raw().await
     }
 
     /// The next message for the application: snapshots, changes (each version once), commands,
@@ -170,26 +209,32 @@ impl Session {
 
     async fn recv_raw(&mut self) -> Result<ServerMessage, ClientError> {
         loop {
-            let Some(frame) = self.socket.next().await else {
-                return Err(ClientError::Closed {
-                    code: 1006,
-                    reason: "connection dropped".into(),
-                });
-            };
-            match frame? {
-                Message::Text(text) => {
-                    return serde_json::from_str(&text)
-                        .map_err(|e| ClientError::Protocol(format!("{e}: {text}")));
-                }
-                Message::Close(frame) => {
-                    let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                        (u16::from(f.code), f.reason.to_string())
-                    });
-                    return Err(ClientError::Closed { code, reason });
-                }
-                // Pings are answered by tungstenite on the next read or write.
-                _ => continue,
+            if let Some(message) = self.next_frame().await? {
+                return Ok(message);
             }
+        }
+    }
+
+    /// The next frame: `Some` for a protocol message, `None` for a ping or pong (the server is
+    /// alive). Pings are answered by tungstenite on the next read or write.
+    pub async fn next_frame(&mut self) -> Result<Option<ServerMessage>, ClientError> {
+        let Some(frame) = self.socket.next().await else {
+            return Err(ClientError::Closed {
+                code: 1006,
+                reason: "connection dropped".into(),
+            });
+        };
+        match frame? {
+            Message::Text(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| ClientError::Protocol(format!("{e}: {text}"))),
+            Message::Close(frame) => {
+                let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                    (u16::from(f.code), f.reason.to_string())
+                });
+                Err(ClientError::Closed { code, reason })
+            }
+            _ => Ok(None),
         }
     }
 }

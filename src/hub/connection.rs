@@ -4,35 +4,62 @@
 //! ack it has read (each ack is written to the store before the next frame is read, and frames
 //! already sent by the client are drained on shutdown).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
+use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::Frame;
-use crate::api::AppState;
+use crate::api::{AppError, AppState};
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
 use crate::store::AckRejection;
 
-/// `GET /ws`.
-pub async fn upgrade(State(app): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    ws.max_message_size(1024 * 1024)
+/// `GET /ws`. When `server.client_token_*` is set, the upgrade needs the token, as
+/// `Authorization: Bearer <token>` or `?token=<token>` (for clients that cannot set headers).
+pub async fn upgrade(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, AppError> {
+    if let Some(expected) = &app.config.server.client_token {
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or(query.get("token").map(String::as_str))
+            .unwrap_or_default();
+        if !bool::from(given.as_bytes().ct_eq(expected.expose())) {
+            return Err(AppError::Unauthorized(
+                "a valid client token is required (Authorization: Bearer ...)".into(),
+            ));
+        }
+    }
+    Ok(ws
+        .max_message_size(1024 * 1024)
         .on_upgrade(move |socket| async move {
             let tracker = app.tracker.clone();
             // Tracked so shutdown waits for sockets to close cleanly and acks to be flushed.
             let _ = tracker.spawn(Connection::new(app, socket).run()).await;
-        })
+        }))
 }
 
 /// Why the server ends a connection.
 enum End {
     ClientGone,
     Close(u16, &'static str),
+}
+
+/// How long one write may wait for a peer that does not read before the connection is dropped.
+fn write_timeout(app: &AppState) -> Duration {
+    app.config.server.keepalive_timeout()
 }
 
 struct Identity {
@@ -70,7 +97,11 @@ impl Connection {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = self.socket.send(Message::Close(Some(frame))).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.socket.send(Message::Close(Some(frame))),
+            )
+            .await;
             if code == close::GOING_AWAY {
                 self.drain_after_close().await;
             }
@@ -112,8 +143,10 @@ impl Connection {
                 }
                 frame = recv_live(&mut self.live) => match frame {
                     Ok(frame) => {
-                        if self.wants(&frame) && self.socket.send(Message::Text(frame.text.clone())).await.is_err() {
-                            return End::ClientGone;
+                        if self.wants(&frame) {
+                            if let Err(end) = self.write(Message::Text(frame.text.clone())).await {
+                                return end;
+                            }
                         }
                     }
                     Err(RecvError::Lagged(n)) => {
@@ -126,8 +159,8 @@ impl Connection {
                     if self.last_heard.elapsed() > timeout {
                         return End::Close(close::KEEPALIVE_TIMEOUT, "keepalive timeout");
                     }
-                    if self.socket.send(Message::Ping(bytes::Bytes::from_static(b"confcast"))).await.is_err() {
-                        return End::ClientGone;
+                    if let Err(end) = self.write(Message::Ping(bytes::Bytes::from_static(b"confcast"))).await {
+                        return end;
                     }
                 }
             }
@@ -166,10 +199,20 @@ impl Connection {
 
     async fn send(&mut self, message: &ServerMessage) -> Result<(), End> {
         let text = serde_json::to_string(message).map_err(|_| End::ClientGone)?;
-        self.socket
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|_| End::ClientGone)
+        self.write(Message::Text(text.into())).await
+    }
+
+    /// Writes one frame; a peer that does not take it within the write timeout is dropped, so a
+    /// stalled reader can never hold a connection task (or its place in the ring) forever.
+    async fn write(&mut self, message: Message) -> Result<(), End> {
+        match tokio::time::timeout(write_timeout(&self.app), self.socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::ClientGone),
+            Err(_) => {
+                tracing::warn!(instance = ?self.identity.as_ref().map(|i| &i.instance), "peer stopped reading; dropped");
+                Err(End::ClientGone)
+            }
+        }
     }
 
     async fn error(&mut self, code: &str, message: impl Into<String>) -> Option<End> {
@@ -383,19 +426,42 @@ impl Connection {
             );
             return self.snapshot(topics, matches, Some(reason)).await;
         }
+        // Topics this instance never acknowledged get their full state first: a `since` says
+        // nothing about a topic the instance never had.
+        let instance = self
+            .identity
+            .as_ref()
+            .map(|i| i.instance.clone())
+            .unwrap_or_default();
+        let acked: HashSet<String> = store
+            .acks_of(&instance)
+            .await
+            .map_err(fail)?
+            .into_iter()
+            .map(|a| a.topic)
+            .collect();
+        let unseen = |t: &str| matches(t) && !acked.contains(t);
+        let (snapshot_at, snapshots) = store.snapshots(&unseen).await.map_err(fail)?;
+        let snapshotted: HashSet<String> = snapshots.iter().map(|s| s.topic.clone()).collect();
+        for s in snapshots {
+            self.send(&ServerMessage::Snapshot(s)).await.map_err(Some)?;
+        }
         let mut upto = since;
         loop {
             let events = store.events_after(upto, 512).await.map_err(fail)?;
-            if events.is_empty() {
-                break;
+            let Some(first) = events.first() else { break };
+            if first.seq != upto + 1 {
+                // Retention removed events while we were replaying.
+                let reason = format!("log trimmed during replay after seq {upto}");
+                return self.snapshot(topics, matches, Some(reason)).await;
             }
             for e in events {
                 upto = e.seq;
-                if matches(&e.topic) {
-                    self.socket
-                        .send(Message::Text(e.frame.into()))
+                let covered = e.seq <= snapshot_at && snapshotted.contains(&e.topic);
+                if matches(&e.topic) && !covered {
+                    self.write(Message::Text(e.frame.into()))
                         .await
-                        .map_err(|_| Some(End::ClientGone))?;
+                        .map_err(Some)?;
                 }
             }
         }

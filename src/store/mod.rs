@@ -209,6 +209,12 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
     ) -> Result<Result<(), AckRejection>, StoreError>;
     async fn acks(&self) -> Result<Vec<AckRecord>, StoreError>;
+    /// The acks of one instance.
+    async fn acks_of(&self, instance: &str) -> Result<Vec<AckRecord>, StoreError>;
+
+    /// Applies retention: keeps at most `max_events` most recent events (0 = any number) and none
+    /// older than `max_age_ms` (0 = any age). Returns how many were removed. Topic state stays.
+    async fn trim(&self, max_events: u64, max_age_ms: i64) -> Result<u64, StoreError>;
 }
 
 /// Opens the store named by `url`, creating and migrating it when needed.

@@ -56,6 +56,30 @@ fn to_i64(v: u64) -> i64 {
 }
 
 impl SqliteStore {
+    async fn ack_rows(&self, instance: Option<&str>) -> Result<Vec<AckRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT instance, topic, version, status, error, acked_at FROM acks
+             WHERE ?1 IS NULL OR instance = ?1 ORDER BY instance, topic",
+        )
+        .bind(instance)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.get("status");
+                Ok(AckRecord {
+                    instance: r.get("instance"),
+                    topic: r.get("topic"),
+                    version: to_u64(r.get("version")),
+                    status: AckStatus::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("ack status {status}")))?,
+                    error: r.get("error"),
+                    acked_at_ms: r.get("acked_at"),
+                })
+            })
+            .collect()
+    }
+
     pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
         let path = url
             .trim_start_matches("sqlite:")
@@ -511,22 +535,31 @@ impl Store for SqliteStore {
     }
 
     async fn acks(&self) -> Result<Vec<AckRecord>, StoreError> {
-        let rows = sqlx::query("SELECT instance, topic, version, status, error, acked_at FROM acks ORDER BY instance, topic")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let status: String = r.get("status");
-                Ok(AckRecord {
-                    instance: r.get("instance"),
-                    topic: r.get("topic"),
-                    version: to_u64(r.get("version")),
-                    status: AckStatus::parse(&status)
-                        .ok_or_else(|| StoreError::Corrupt(format!("ack status {status}")))?,
-                    error: r.get("error"),
-                    acked_at_ms: r.get("acked_at"),
-                })
-            })
-            .collect()
+        self.ack_rows(None).await
+    }
+
+    async fn acks_of(&self, instance: &str) -> Result<Vec<AckRecord>, StoreError> {
+        self.ack_rows(Some(instance)).await
+    }
+
+    async fn trim(&self, max_events: u64, max_age_ms: i64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        if max_events > 0 {
+            removed += sqlx::query(
+                "DELETE FROM events WHERE seq <= (SELECT seq FROM log_head WHERE id = 1) - ?1",
+            )
+            .bind(to_i64(max_events))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        if max_age_ms > 0 {
+            removed += sqlx::query("DELETE FROM events WHERE created_at < ?1")
+                .bind(now_ms() - max_age_ms)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        Ok(removed)
     }
 }

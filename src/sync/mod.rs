@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::RepoConfig;
+use crate::config::{RepoConfig, RetentionConfig};
 use crate::hub::Hub;
 use crate::store::Store;
 
@@ -47,6 +47,7 @@ impl Syncers {
     /// Starts one worker per repo; each does a first sync right away.
     pub fn start(
         repos: &[RepoConfig],
+        retention: &RetentionConfig,
         data_dir: PathBuf,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
@@ -69,6 +70,7 @@ impl Syncers {
                 store: store.clone(),
                 hub: hub.clone(),
                 status: status.clone(),
+                retention: retention.clone(),
             };
             tracker.spawn(job.run(wake.clone(), shutdown.clone()));
             workers.insert(repo.name.clone(), Worker { wake, status });
@@ -104,6 +106,7 @@ struct Job {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     status: Arc<Mutex<RepoStatus>>,
+    retention: RetentionConfig,
 }
 
 impl Job {
@@ -163,6 +166,19 @@ impl Job {
             tracing::info!(repo = %self.repo.name, commit = %outcome.commit, "new head touches no topic");
         }
         self.hub.wake();
+        let r = &self.retention;
+        match self
+            .store
+            .trim(
+                r.max_events,
+                i64::try_from(r.max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            )
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "event log trimmed by retention"),
+            Err(e) => tracing::warn!(error = %e, "retention failed"),
+        }
         Ok(())
     }
 }

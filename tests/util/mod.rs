@@ -82,7 +82,10 @@ impl TestServer {
             toml,
             stop: Some(tx),
             task: Some(task),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .timeout(WAIT)
+                .build()
+                .expect("http client"),
         }
     }
 
@@ -284,5 +287,133 @@ impl Instance {
                 _ => continue,
             }
         }
+    }
+}
+
+/// A free loopback port (bound then released), for servers that must come back on the same address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The real `confcast serve` binary as a child process, so it can be killed with SIGKILL.
+pub struct ServerProcess {
+    pub port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+    pub http: reqwest::Client,
+}
+
+impl ServerProcess {
+    /// Writes a config serving `repo` as `cfg` on a fixed port and starts the binary.
+    pub async fn start(
+        dir: &Path,
+        repo: &ConfigRepo,
+        server_extra: &str,
+        top_extra: &str,
+    ) -> ServerProcess {
+        let port = free_port();
+        let config = dir.join("confcast.toml");
+        let toml = format!(
+            "{top_extra}\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server_extra}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
+            dir.join("data").display(),
+            repo.url()
+        );
+        std::fs::write(&config, toml).expect("write config");
+        let mut p = ServerProcess {
+            port,
+            config,
+            log: dir.join("server.log"),
+            child: None,
+            http: reqwest::Client::builder()
+                .timeout(WAIT)
+                .build()
+                .expect("http client"),
+        };
+        p.spawn().await;
+        p
+    }
+
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_confcast"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start confcast serve");
+        self.child = Some(child);
+        let ready = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Ok(r) = self.http.get(self.url("/readyz")).send().await {
+                    if r.status().is_success() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if ready.is_err() {
+            panic!(
+                "server did not become ready; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+
+    /// SIGKILL: no graceful shutdown, no close frames.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    pub async fn github_push(&self, after: &str) -> u16 {
+        let body = serde_json::json!({"ref": "refs/heads/main", "after": after}).to_string();
+        self.http
+            .post(self.url("/webhooks/cfg"))
+            .header("x-github-event", "push")
+            .header("x-hub-signature-256", sign_github(SECRET, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("JSON")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -1,0 +1,525 @@
+//! `confcast agent`: materializes topics as files under one directory and runs a reload command,
+//! acknowledging each version as applied or failed. Built on [`crate::client::Client`].
+//!
+//! Layout (the same trick as Kubernetes ConfigMap volumes): every version is written in full to a
+//! fresh generation directory `DIR/.confcast/gen-N`, then the symlink `DIR/.confcast/current` is
+//! swapped to it with one rename, so a whole change appears at once or not at all. The visible
+//! top-level entries (`DIR/payments`) are symlinks into `current`.
+//!
+//! Must never: write outside `DIR` (paths with `..`, absolute paths or anything but plain names are
+//! refused, and an existing entry the agent did not create is never replaced), or ack `applied`
+//! for a version whose reload command failed.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+use crate::client::state::Files;
+use crate::client::{Client, ClientOptions, Delivery};
+use crate::protocol::AckStatus;
+
+/// The agent's own directory inside `DIR`.
+pub const META: &str = ".confcast";
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub client: ClientOptions,
+    pub dir: PathBuf,
+    /// Run with `sh -c` after each new version is in place; exit 0 = applied.
+    pub exec: Option<String>,
+    pub exec_timeout: Duration,
+    /// On a failed reload, put the previous files back.
+    pub rollback_on_failure: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("client state: {0}")]
+    State(#[from] crate::client::state::StateError),
+}
+
+/// Why a version could not be applied; sent as the ack's error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    #[error(
+        "refused path `{0}`: only relative paths of plain names inside the directory are written"
+    )]
+    UnsafePath(String),
+    #[error("refused: {0} exists and was not created by confcast; move it away")]
+    Foreign(String),
+    #[error("writing files failed: {0}")]
+    Io(String),
+    #[error("reload command failed ({status}): {stderr_tail}")]
+    Reload { status: String, stderr_tail: String },
+}
+
+/// Checks that a server-given path is a plain relative path that stays inside the directory.
+pub fn safe_path(path: &str) -> Result<PathBuf, ApplyError> {
+    let unsafe_path = || ApplyError::UnsafePath(path.to_string());
+    if path.is_empty() || path.contains('\0') || path.contains('\\') {
+        return Err(unsafe_path());
+    }
+    let p = Path::new(path);
+    let mut clean = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(name) if name != META => clean.push(name),
+            _ => return Err(unsafe_path()),
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(unsafe_path());
+    }
+    Ok(clean)
+}
+
+/// Writes `files` as the new current generation under `dir`. Returns the previous generation's
+/// name (to roll back to) if there was one.
+pub fn materialize(dir: &Path, files: &Files) -> Result<Option<String>, ApplyError> {
+    let io = |e: std::io::Error| ApplyError::Io(e.to_string());
+    let meta = dir.join(META);
+    std::fs::create_dir_all(&meta).map_err(io)?;
+    let mut paths = Vec::with_capacity(files.len());
+    for (path, content) in files {
+        paths.push((safe_path(path)?, content));
+    }
+    // Top-level entries we will expose: refuse before writing anything if one is not ours.
+    let tops: std::collections::BTreeSet<String> = paths
+        .iter()
+        .filter_map(|(p, _)| {
+            p.components()
+                .next()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        })
+        .collect();
+    for top in &tops {
+        check_ours(dir, top)?;
+    }
+    let previous = current_generation(dir);
+    let next = next_generation(&meta).map_err(io)?;
+    let gen_dir = meta.join(&next);
+    std::fs::create_dir(&gen_dir).map_err(io)?;
+    for (path, content) in &paths {
+        let target = gen_dir.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let mut f = std::fs::File::create(&target).map_err(io)?;
+        f.write_all(content).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    sync_dir(&gen_dir);
+    swap_current(dir, &next).map_err(io)?;
+    link_tops(dir, &tops).map_err(io)?;
+    Ok(previous)
+}
+
+/// Points `current` back at `generation` and removes the newer one.
+pub fn rollback(dir: &Path, generation: &str) -> Result<(), ApplyError> {
+    let io = |e: std::io::Error| ApplyError::Io(e.to_string());
+    let failed = current_generation(dir);
+    swap_current(dir, generation).map_err(io)?;
+    let tops = generation_tops(&dir.join(META).join(generation)).map_err(io)?;
+    link_tops(dir, &tops).map_err(io)?;
+    if let Some(failed) = failed.filter(|f| f != generation) {
+        let _ = std::fs::remove_dir_all(dir.join(META).join(failed));
+    }
+    Ok(())
+}
+
+/// Removes every generation but the current one.
+pub fn prune(dir: &Path) {
+    let current = current_generation(dir);
+    if let Ok(entries) = std::fs::read_dir(dir.join(META)) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("gen-") && Some(&name) != current.as_ref() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn current_generation(dir: &Path) -> Option<String> {
+    std::fs::read_link(dir.join(META).join("current"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+fn next_generation(meta: &Path) -> std::io::Result<String> {
+    let mut highest = 0u64;
+    for e in std::fs::read_dir(meta)?.flatten() {
+        if let Some(n) = e
+            .file_name()
+            .to_string_lossy()
+            .strip_prefix("gen-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            highest = highest.max(n);
+        }
+    }
+    Ok(format!("gen-{}", highest + 1))
+}
+
+fn generation_tops(gen_dir: &Path) -> std::io::Result<std::collections::BTreeSet<String>> {
+    Ok(std::fs::read_dir(gen_dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect())
+}
+
+fn link_target(top: &str) -> PathBuf {
+    Path::new(META).join("current").join(top)
+}
+
+/// A top-level name is ours when it is absent or our own symlink.
+fn check_ours(dir: &Path, top: &str) -> Result<(), ApplyError> {
+    let path = dir.join(top);
+    match std::fs::symlink_metadata(&path) {
+        Err(_) => Ok(()),
+        Ok(m)
+            if m.file_type().is_symlink()
+                && std::fs::read_link(&path).ok().as_deref()
+                    == Some(link_target(top).as_path()) =>
+        {
+            Ok(())
+        }
+        Ok(_) => Err(ApplyError::Foreign(path.display().to_string())),
+    }
+}
+
+#[cfg(unix)]
+fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(not(unix))]
+fn symlink(_target: &Path, _link: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "the agent needs symlinks (unix)",
+    ))
+}
+
+/// Atomically points `DIR/.confcast/current` at `generation`.
+fn swap_current(dir: &Path, generation: &str) -> std::io::Result<()> {
+    let meta = dir.join(META);
+    let tmp = meta.join("current.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(Path::new(generation), &tmp)?;
+    std::fs::rename(&tmp, meta.join("current"))?;
+    sync_dir(&meta);
+    Ok(())
+}
+
+/// Makes the visible top-level symlinks match `tops`, removing our links that are no longer needed.
+fn link_tops(dir: &Path, tops: &std::collections::BTreeSet<String>) -> std::io::Result<()> {
+    for top in tops {
+        if std::fs::symlink_metadata(dir.join(top)).is_err() {
+            symlink(&link_target(top), &dir.join(top))?;
+        }
+    }
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != META
+            && !tops.contains(&name)
+            && check_ours(dir, &name).is_ok()
+            && e.path().is_symlink()
+        {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Runs the reload command; `Err` carries the exit status and the tail of stderr.
+pub async fn reload(
+    command: &str,
+    timeout: Duration,
+    env: &[(&str, String)],
+) -> Result<(), ApplyError> {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    cmd.stderr(std::process::Stdio::piped()).kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| ApplyError::Reload {
+        status: "could not start".into(),
+        stderr_tail: e.to_string(),
+    })?;
+    let mut stderr = child.stderr.take();
+    let run = async {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut buf).await;
+        }
+        (child.wait().await, buf)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Err(_) => Err(ApplyError::Reload {
+            status: format!("timed out after {timeout:?}, killed"),
+            stderr_tail: String::new(),
+        }),
+        Ok((Err(e), _)) => Err(ApplyError::Reload {
+            status: "wait failed".into(),
+            stderr_tail: e.to_string(),
+        }),
+        Ok((Ok(status), _)) if status.success() => Ok(()),
+        Ok((Ok(status), stderr)) => {
+            let text = String::from_utf8_lossy(&stderr);
+            let tail: String = text
+                .chars()
+                .rev()
+                .take(2048)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(ApplyError::Reload {
+                status: status.to_string(),
+                stderr_tail: tail.trim().to_string(),
+            })
+        }
+    }
+}
+
+/// Runs the agent until `shutdown`.
+pub async fn run(
+    opts: AgentOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(opts.dir.join(META)).map_err(|source| AgentError::Dir {
+        path: opts.dir.clone(),
+        source,
+    })?;
+    let mut client_opts = opts.client.clone();
+    if client_opts.state_dir.is_none() {
+        client_opts.state_dir = Some(opts.dir.join(META).join("state"));
+    }
+    let mut client = Client::start(client_opts)?;
+    // Applied files per topic; starts from the last good config kept in the state directory.
+    let mut topics: BTreeMap<String, Files> = client
+        .last_good()
+        .into_iter()
+        .map(|(t, (_, f))| (t, f))
+        .collect();
+    if current_generation(&opts.dir).is_none() && !topics.is_empty() {
+        let dir = opts.dir.clone();
+        let all = union(&topics);
+        match tokio::task::spawn_blocking(move || materialize(&dir, &all)).await {
+            Ok(Ok(_)) => tracing::info!("started on the last good config from the state directory"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not restore the last good config"),
+            Err(e) => tracing::warn!(error = %e, "restore task failed"),
+        }
+    }
+    tokio::pin!(shutdown);
+    loop {
+        let delivery = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            d = client.next() => d,
+        };
+        let Some(delivery) = delivery else {
+            return Ok(());
+        };
+        match delivery {
+            Delivery::Connected { url } => tracing::info!(%url, "connected"),
+            Delivery::Disconnected { reason } => {
+                tracing::warn!(%reason, "disconnected; reconnecting")
+            }
+            Delivery::Command { name, args } => tracing::info!(%name, %args, "command received"),
+            Delivery::Update(update) => {
+                let span =
+                    tracing::info_span!("apply", topic = %update.topic, version = update.version);
+                let _enter = span.enter();
+                let previous = topics.insert(update.topic.clone(), update.files.clone());
+                let result = apply(&opts, &topics, &update).await;
+                match &result {
+                    Ok(()) => tracing::info!(commit = %update.commit, "applied"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "not applied");
+                        if opts.rollback_on_failure
+                            || matches!(
+                                e,
+                                ApplyError::UnsafePath(_)
+                                    | ApplyError::Foreign(_)
+                                    | ApplyError::Io(_)
+                            )
+                        {
+                            // The files on disk are the previous ones again: so is our view.
+                            match previous {
+                                Some(p) => topics.insert(update.topic.clone(), p),
+                                None => topics.remove(&update.topic),
+                            };
+                        }
+                    }
+                }
+                let (status, error) = match result {
+                    Ok(()) => (AckStatus::Applied, None),
+                    Err(e) => (AckStatus::Failed, Some(e.to_string())),
+                };
+                client.ack(&update.topic, update.version, status, error)?;
+            }
+        }
+    }
+}
+
+fn union(topics: &BTreeMap<String, Files>) -> Files {
+    topics
+        .values()
+        .flat_map(|f| f.iter().map(|(p, c)| (p.clone(), c.clone())))
+        .collect()
+}
+
+async fn apply(
+    opts: &AgentOptions,
+    topics: &BTreeMap<String, Files>,
+    update: &crate::client::Update,
+) -> Result<(), ApplyError> {
+    let dir = opts.dir.clone();
+    let all = union(topics);
+    let previous = tokio::task::spawn_blocking(move || materialize(&dir, &all))
+        .await
+        .map_err(|e| ApplyError::Io(e.to_string()))??;
+    let Some(command) = &opts.exec else {
+        prune(&opts.dir);
+        return Ok(());
+    };
+    let env = [
+        ("CONFCAST_TOPIC", update.topic.clone()),
+        ("CONFCAST_VERSION", update.version.to_string()),
+        ("CONFCAST_COMMIT", update.commit.clone()),
+        ("CONFCAST_DIR", opts.dir.display().to_string()),
+    ];
+    match reload(command, opts.exec_timeout, &env).await {
+        Ok(()) => {
+            prune(&opts.dir);
+            Ok(())
+        }
+        Err(e) => {
+            if opts.rollback_on_failure {
+                if let Some(prev) = previous {
+                    rollback(&opts.dir, &prev)?;
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(list: &[(&str, &str)]) -> Files {
+        list.iter()
+            .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn traversal_and_absolute_paths_are_refused() {
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "./a",
+            "",
+            "a\\..\\b",
+            ".confcast/state/x",
+            "a/\0b",
+        ] {
+            assert!(safe_path(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert_eq!(
+            safe_path("payments/app.toml").expect("plain path"),
+            PathBuf::from("payments/app.toml")
+        );
+    }
+
+    #[test]
+    fn generations_swap_atomically_and_roll_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        assert_eq!(
+            materialize(
+                d,
+                &files(&[("payments/app.toml", "v1"), ("web/a.json", "{}")])
+            )
+            .expect("v1"),
+            None
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("payments/app.toml")).expect("read"),
+            "v1"
+        );
+        let prev = materialize(d, &files(&[("payments/app.toml", "v2")])).expect("v2");
+        assert_eq!(
+            std::fs::read_to_string(d.join("payments/app.toml")).expect("read"),
+            "v2"
+        );
+        assert!(
+            !d.join("web").exists(),
+            "a topic's files that are gone disappear"
+        );
+        rollback(d, &prev.expect("had a previous generation")).expect("rollback");
+        assert_eq!(
+            std::fs::read_to_string(d.join("payments/app.toml")).expect("read"),
+            "v1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("web/a.json")).expect("read"),
+            "{}"
+        );
+        prune(d);
+        let gens = std::fs::read_dir(d.join(META))
+            .expect("meta")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("gen-"))
+            .count();
+        assert_eq!(gens, 1);
+    }
+
+    #[test]
+    fn a_bad_path_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = materialize(dir.path(), &files(&[("ok/a", "1"), ("../escape", "x")]))
+            .expect_err("refused");
+        assert_eq!(err, ApplyError::UnsafePath("../escape".into()));
+        assert!(!dir.path().join("ok").exists());
+        assert!(!dir.path().parent().expect("parent").join("escape").exists());
+    }
+
+    #[test]
+    fn foreign_entries_are_never_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("outside");
+        symlink(outside.path(), &dir.path().join("payments")).expect("plant symlink");
+        let err =
+            materialize(dir.path(), &files(&[("payments/app.toml", "x")])).expect_err("refused");
+        assert!(matches!(err, ApplyError::Foreign(_)), "{err:?}");
+        assert_eq!(
+            std::fs::read_dir(outside.path()).expect("outside").count(),
+            0,
+            "nothing written outside"
+        );
+    }
+}

@@ -1,0 +1,361 @@
+//! [`Client`]: the resilient consumer an application embeds. It keeps one connection to one of
+//! several servers, reconnects with capped exponential backoff and jitter, resumes from the last
+//! acknowledged log position, drops versions already handled, and never loses an ack (acks made
+//! while disconnected are sent after the next hello).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use super::state::{Files, LocalState, StateError, Taken};
+use super::{Identity, Session};
+use crate::protocol::{AckStatus, Change, ServerMessage, Snapshot};
+
+/// How to reach confcast and what to receive.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Server URLs (`ws://host:port/ws`), tried in turn when one is down.
+    pub urls: Vec<String>,
+    pub identity: Identity,
+    /// Topic patterns: `payments`, `billing/*`, `*`.
+    pub topics: Vec<String>,
+    /// Sent as `Authorization: Bearer <token>` when the server requires one.
+    pub token: Option<String>,
+    /// First reconnect delay; doubles per failed round, up to `backoff_max`, with jitter.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Keeps the resume position and the last applied files across restarts.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl ClientOptions {
+    pub fn new(
+        url: impl Into<String>,
+        instance: impl Into<String>,
+        topics: &[&str],
+    ) -> ClientOptions {
+        ClientOptions {
+            urls: vec![url.into()],
+            identity: Identity {
+                instance: instance.into(),
+                ..Identity::default()
+            },
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            token: None,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            state_dir: None,
+        }
+    }
+}
+
+/// Whether an update is a full state or a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpdateKind {
+    Snapshot(Snapshot),
+    Change(Change),
+}
+
+/// A new version of a topic for the application to apply and then acknowledge.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub topic: String,
+    pub version: u64,
+    pub commit: String,
+    /// The topic's complete files at this version (decoded), whatever the kind.
+    pub files: Files,
+    pub kind: UpdateKind,
+}
+
+/// What [`Client::next`] yields.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Update(Update),
+    Command {
+        name: String,
+        args: serde_json::Value,
+    },
+    /// Connected (or reconnected) to `url`.
+    Connected {
+        url: String,
+    },
+    /// The connection was lost; the client is reconnecting.
+    Disconnected {
+        reason: String,
+    },
+}
+
+struct Ack {
+    topic: String,
+    version: u64,
+    status: AckStatus,
+    error: Option<String>,
+}
+
+/// The embeddable, reconnecting client. Dropping it stops its background task.
+pub struct Client {
+    deliveries: mpsc::Receiver<Delivery>,
+    acks: mpsc::UnboundedSender<Ack>,
+    state: Arc<Mutex<LocalState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Loads the state directory (if any) and starts connecting in the background.
+    pub fn start(options: ClientOptions) -> Result<Client, StateError> {
+        let state = Arc::new(Mutex::new(LocalState::open(options.state_dir.as_deref())?));
+        let (tx, deliveries) = mpsc::channel(64);
+        let (acks, ack_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(options, state.clone(), tx, ack_rx));
+        Ok(Client {
+            deliveries,
+            acks,
+            state,
+            task,
+        })
+    }
+
+    /// The next delivery; `None` only if the background task ended.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        self.deliveries.recv().await
+    }
+
+    /// Reports what this instance did with `version` of `topic`. Recorded locally at once (the
+    /// resume position moves past it) and sent to the server as soon as it is connected.
+    pub fn ack(
+        &self,
+        topic: &str,
+        version: u64,
+        status: AckStatus,
+        error: Option<String>,
+    ) -> Result<(), StateError> {
+        if let Ok(mut state) = self.state.lock() {
+            state.acknowledge(
+                topic,
+                version,
+                status == AckStatus::Applied,
+                error.as_deref(),
+            )?;
+        }
+        let _ = self.acks.send(Ack {
+            topic: topic.to_string(),
+            version,
+            status,
+            error,
+        });
+        Ok(())
+    }
+
+    /// The last applied files per topic (from the state directory after a restart), to start on
+    /// while the server is unreachable.
+    pub fn last_good(&self) -> std::collections::BTreeMap<String, (u64, Files)> {
+        self.state.lock().map(|s| s.last_good()).unwrap_or_default()
+    }
+
+    /// The log position everything up to which was acknowledged.
+    pub fn cursor(&self) -> Option<u64> {
+        self.state.lock().ok().and_then(|s| s.cursor())
+    }
+}
+
+/// Jittered exponential backoff: the n-th wait is uniform in [d/2, d] with d = initial * 2^n, capped.
+fn backoff(options: &ClientOptions, round: u32) -> Duration {
+    let base = options.backoff_initial.max(Duration::from_millis(1));
+    let d = base
+        .saturating_mul(2u32.saturating_pow(round.min(20)))
+        .min(options.backoff_max.max(base));
+    let half = d / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+async fn run(
+    options: ClientOptions,
+    state: Arc<Mutex<LocalState>>,
+    tx: mpsc::Sender<Delivery>,
+    mut acks: mpsc::UnboundedReceiver<Ack>,
+) {
+    let mut unsent: VecDeque<Ack> = VecDeque::new();
+    let mut round = 0u32;
+    let mut next_url = 0usize;
+    let mut fresh = false;
+    loop {
+        let mut session = None;
+        for _ in 0..options.urls.len().max(1) {
+            let Some(url) = options.urls.get(next_url % options.urls.len().max(1)) else {
+                return;
+            };
+            next_url += 1;
+            match Session::connect_with(url, &options.identity, options.token.as_deref()).await {
+                Ok(s) => {
+                    session = Some((url.clone(), s));
+                    break;
+                }
+                Err(e) => tracing::debug!(%url, error = %e, "connect failed"),
+            }
+        }
+        let Some((url, mut session)) = session else {
+            tokio::time::sleep(backoff(&options, round)).await;
+            round = round.saturating_add(1);
+            continue;
+        };
+        round = 0;
+        if tx
+            .send(Delivery::Connected { url: url.clone() })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let since = if fresh {
+            None
+        } else {
+            state.lock().ok().and_then(|s| s.cursor())
+        };
+        fresh = false;
+        let reason = serve(
+            &mut session,
+            &options,
+            since,
+            &state,
+            &tx,
+            &mut acks,
+            &mut unsent,
+        )
+        .await;
+        match reason {
+            Ended::ClientDropped => return,
+            Ended::Gap(why) => {
+                tracing::warn!(%why, "version gap; resubscribing for a snapshot");
+                fresh = true;
+                let _ = tx.send(Delivery::Disconnected { reason: why }).await;
+            }
+            Ended::Lost(why) => {
+                tracing::info!(%url, reason = %why, "disconnected; reconnecting");
+                if tx
+                    .send(Delivery::Disconnected { reason: why })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(backoff(&options, 0)).await;
+            }
+        }
+        session.close().await;
+    }
+}
+
+enum Ended {
+    ClientDropped,
+    Lost(String),
+    Gap(String),
+}
+
+async fn serve(
+    session: &mut Session,
+    options: &ClientOptions,
+    since: Option<u64>,
+    state: &Arc<Mutex<LocalState>>,
+    tx: &mpsc::Sender<Delivery>,
+    acks: &mut mpsc::UnboundedReceiver<Ack>,
+    unsent: &mut VecDeque<Ack>,
+) -> Ended {
+    // The latest verdict per topic from the local state first (an ack made just before the
+    // process stopped may never have left it), then acks made while disconnected.
+    let recorded = state.lock().map(|s| s.latest_acks()).unwrap_or_default();
+    for (topic, version, applied, error) in recorded {
+        let status = if applied {
+            AckStatus::Applied
+        } else {
+            AckStatus::Failed
+        };
+        if let Err(e) = session.ack(&topic, version, status, error).await {
+            return Ended::Lost(e.to_string());
+        }
+    }
+    while let Some(ack) = unsent.pop_front() {
+        if let Err(e) = session
+            .ack(&ack.topic, ack.version, ack.status, ack.error.clone())
+            .await
+        {
+            unsent.push_front(ack);
+            return Ended::Lost(e.to_string());
+        }
+    }
+    if let Err(e) = session.subscribe(&options.topics, since).await {
+        return Ended::Lost(e.to_string());
+    }
+    // Three missed pings and the server is presumed gone.
+    let silence = session.heartbeat() * 3;
+    loop {
+        tokio::select! {
+            ack = acks.recv() => {
+                let Some(ack) = ack else { return Ended::ClientDropped };
+                if let Err(e) = session.ack(&ack.topic, ack.version, ack.status, ack.error.clone()).await {
+                    unsent.push_back(ack);
+                    return Ended::Lost(e.to_string());
+                }
+            }
+            frame = tokio::time::timeout(silence, session.next_frame()) => {
+                let frame = match frame {
+                    Err(_) => return Ended::Lost(format!("no frame from the server for {silence:?}")),
+                    Ok(Err(e)) => return Ended::Lost(e.to_string()),
+                    Ok(Ok(None)) => continue,
+                    Ok(Ok(Some(frame))) => frame,
+                };
+                let delivery = {
+                    let Ok(mut st) = state.lock() else { return Ended::ClientDropped };
+                    match frame {
+                        ServerMessage::Snapshot(s) => match st.take_snapshot(&s) {
+                            Taken::Deliver(files) => Some(Delivery::Update(Update {
+                                topic: s.topic.clone(), version: s.version, commit: s.commit.clone(), files, kind: UpdateKind::Snapshot(s),
+                            })),
+                            _ => None,
+                        },
+                        ServerMessage::Change(c) => match st.take_change(&c) {
+                            Taken::Deliver(files) => Some(Delivery::Update(Update {
+                                topic: c.topic.clone(), version: c.version, commit: c.commit.clone(), files, kind: UpdateKind::Change(c),
+                            })),
+                            Taken::Duplicate => None,
+                            Taken::Gap { have, previous } => {
+                                return Ended::Gap(format!("topic {} holds v{have} but the change follows v{previous}", c.topic));
+                            }
+                        },
+                        ServerMessage::Subscribed { seq, .. } => {
+                            if let Err(e) = st.covered(seq) {
+                                tracing::warn!(error = %e, "could not persist the resume position");
+                            }
+                            None
+                        }
+                        ServerMessage::Command { seq, name, args } => {
+                            if let Err(e) = st.covered(seq) {
+                                tracing::warn!(error = %e, "could not persist the resume position");
+                            }
+                            Some(Delivery::Command { name, args })
+                        }
+                        ServerMessage::Error { code, message } => {
+                            tracing::warn!(%code, %message, "server error frame");
+                            None
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(d) = delivery {
+                    if tx.send(d).await.is_err() {
+                        return Ended::ClientDropped;
+                    }
+                }
+            }
+        }
+    }
+}
