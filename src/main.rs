@@ -32,6 +32,9 @@ enum Command {
     },
     /// Materialize topics as files under a directory and run a reload command on each new version.
     Agent(Box<AgentArgs>),
+    /// Measure: replay speed, fan-out latency. Prints figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// The embedded-default tour: a local repo, the server on SQLite, three instances, a signed push.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -42,6 +45,25 @@ enum Command {
         /// Exit 0 as soon as the rollout has converged (for scripts).
         #[arg(long)]
         exit_when_converged: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Changes per second replayed to a reconnecting instance.
+    Replay {
+        #[arg(long, default_value_t = 10_000)]
+        events: u64,
+        /// File content size per change, in bytes.
+        #[arg(long, default_value_t = 200)]
+        bytes: usize,
+    },
+    /// Webhook-to-delivery latency with many connected instances.
+    Fanout {
+        #[arg(long, default_value_t = 100)]
+        instances: usize,
+        #[arg(long, default_value_t = 20)]
+        changes: usize,
     },
 }
 
@@ -174,7 +196,7 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        Command::Demo { .. } => "warn",
+        Command::Demo { .. } | Command::Bench(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -238,6 +260,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     println!("  topics  : {} -> {}", rule.pattern, rule.topic);
                 }
             }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Replay { events, bytes }) => {
+            confcast::bench::replay(events, bytes).await?;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Fanout { instances, changes }) => {
+            confcast::bench::fanout(instances, changes).await?;
             Ok(())
         }
         Command::Agent(args) => {
