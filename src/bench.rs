@@ -43,6 +43,7 @@ fn outcome(n: u64, bytes: usize) -> SyncOutcome {
                 content: Some(content),
             }],
         }],
+        ..SyncOutcome::default()
     }
 }
 

@@ -137,21 +137,31 @@ pub struct RepoConfig {
     pub url: String,
     #[serde(default = "default_branch")]
     pub branch: String,
-    /// Name of the environment variable holding the webhook secret.
+    /// Environment variable(s) holding the webhook secret. Several are all valid at once, for
+    /// rotation: `secret_env = ["HOOK_NEW", "HOOK_OLD"]`.
     #[serde(default)]
-    pub secret_env: Option<String>,
-    /// File holding the webhook secret (trailing newline ignored).
+    pub secret_env: OneOrMany<String>,
+    /// File(s) holding the webhook secret (trailing newline ignored).
     #[serde(default)]
-    pub secret_file: Option<PathBuf>,
+    pub secret_file: OneOrMany<PathBuf>,
     /// Inline secret: accepted, with a warning, for experiments only.
     #[serde(default)]
     pub secret: Option<String>,
     /// Path-to-topic rules, first match wins; default: the first path segment is the topic.
     #[serde(default)]
     pub topics: Vec<TopicRule>,
-    /// Filled in by validation.
+    /// How webhooks for this repo are verified.
+    #[serde(default)]
+    pub webhook: WebhookConfig,
+    /// How confcast authenticates to the git remote.
+    #[serde(default)]
+    pub auth: GitAuth,
+    /// Fetch this often even without a webhook, so a lost webhook still converges (0 = never).
+    #[serde(default = "default_poll")]
+    pub poll_interval_secs: u64,
+    /// Filled in by validation: every secret currently accepted.
     #[serde(skip)]
-    pub webhook_secret: Option<Secret>,
+    pub webhook_secrets: Vec<Secret>,
     /// Filled in by validation.
     #[serde(skip)]
     pub rules: TopicRules,
@@ -159,6 +169,118 @@ pub struct RepoConfig {
 
 fn default_branch() -> String {
     "main".to_string()
+}
+
+fn default_poll() -> u64 {
+    300
+}
+
+/// Credentials and trust for fetching. https: a token (sent as the password of `username`);
+/// ssh: a private key, and the remote's host key must be in `known_hosts_file`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitAuth {
+    /// User name for https tokens (default `x-access-token`, which GitHub and GitLab accept) or ssh (default `git`).
+    pub username: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ssh_key_file: Option<PathBuf>,
+    pub ssh_passphrase_env: Option<String>,
+    /// OpenSSH known_hosts file checked for ssh remotes; there is no "accept any host" mode.
+    pub known_hosts_file: Option<PathBuf>,
+    /// A fetch taking longer than this is abandoned and retried with backoff (default 120).
+    pub fetch_timeout_secs: Option<u64>,
+    /// Filled in by validation.
+    #[serde(skip)]
+    pub token: Option<Secret>,
+    #[serde(skip)]
+    pub ssh_passphrase: Option<Secret>,
+}
+
+/// A value given as one item or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> Default for OneOrMany<T> {
+    fn default() -> Self {
+        OneOrMany::Many(Vec::new())
+    }
+}
+
+impl<T> OneOrMany<T> {
+    pub fn items(&self) -> &[T] {
+        match self {
+            OneOrMany::One(t) => std::slice::from_ref(t),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// Which forge signs this repo's webhooks and how. `auto` tells the forge by its event header;
+/// the algorithm is always fixed here, never chosen by what a request claims.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    pub provider: Provider,
+    /// Accept GitHub's legacy `X-Hub-Signature` (HMAC-SHA1) when no SHA-256 signature is sent.
+    pub github_legacy_sha1: bool,
+    /// Standard Webhooks (GitLab signing tokens): how far `webhook-timestamp` may be from now.
+    pub timestamp_tolerance_secs: Option<u64>,
+    /// For `provider = "generic"`.
+    pub generic: Option<GenericWebhook>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    #[default]
+    Auto,
+    Github,
+    Gitlab,
+    Gitea,
+    Forgejo,
+    Gogs,
+    BitbucketCloud,
+    BitbucketServer,
+    Generic,
+}
+
+/// A receiver for any forge that signs with an HMAC in one header.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenericWebhook {
+    /// Header carrying the signature, such as `X-Signature`.
+    pub header: String,
+    #[serde(default)]
+    pub algorithm: HmacAlgorithm,
+    #[serde(default)]
+    pub encoding: SignatureEncoding,
+    /// Text before the signature, such as `sha256=`.
+    #[serde(default)]
+    pub prefix: String,
+    /// JSON pointer to the pushed ref in the body (default `/ref`).
+    #[serde(default)]
+    pub ref_pointer: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HmacAlgorithm {
+    #[default]
+    Sha256,
+    Sha512,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureEncoding {
+    #[default]
+    Hex,
+    Base64,
 }
 
 /// A secret that never prints.
@@ -317,8 +439,24 @@ impl Config {
                     "give the branch name, such as `main`",
                 ));
             }
-            repo.webhook_secret =
-                resolve_secret(repo, base, lookup).map_err(|(k, m)| ConfigError::key(key(k), m))?;
+            repo.webhook_secrets = resolve_secrets(repo, base, lookup)
+                .map_err(|(k, m)| ConfigError::key(key(k), m))?;
+            resolve_auth(&mut repo.auth, base, lookup)
+                .map_err(|(k, m)| ConfigError::key(key(&format!("auth.{k}")), m))?;
+            let is_ssh = repo.url.starts_with("ssh://")
+                || (!repo.url.contains("://") && repo.url.contains('@'));
+            if is_ssh && repo.auth.known_hosts_file.is_none() {
+                return Err(ConfigError::key(
+                    key("auth.known_hosts_file"),
+                    "an ssh remote needs a known_hosts file to check the server's host key",
+                ));
+            }
+            if repo.webhook.provider == Provider::Generic && repo.webhook.generic.is_none() {
+                return Err(ConfigError::key(
+                    key("webhook.generic"),
+                    "provider = \"generic\" needs a [repos.webhook.generic] table with at least `header`",
+                ));
+            }
             repo.rules = TopicRules::compile(&repo.topics)
                 .map_err(|(j, m)| ConfigError::key(format!("repos[{i}].topics[{j}]"), m))?;
         }
@@ -341,44 +479,86 @@ impl Config {
     }
 }
 
-fn resolve_secret(
+fn resolve_secrets(
     repo: &RepoConfig,
     base: &Path,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<Secret>, (&'static str, String)> {
-    let given = [
-        repo.secret_env.is_some(),
-        repo.secret_file.is_some(),
-        repo.secret.is_some(),
-    ];
-    if given.iter().filter(|g| **g).count() > 1 {
-        return Err((
-            "secret_env",
-            "give only one of secret_env, secret_file, secret".into(),
-        ));
-    }
-    if let Some(var) = &repo.secret_env {
+) -> Result<Vec<Secret>, (&'static str, String)> {
+    let mut secrets = Vec::new();
+    for var in repo.secret_env.items() {
         let value = lookup(var).ok_or((
             "secret_env",
             format!("environment variable {var} is not set"),
         ))?;
-        return non_empty(value.into_bytes())
-            .map(Some)
-            .ok_or(("secret_env", format!("environment variable {var} is empty")));
+        secrets.push(
+            non_empty(value.into_bytes())
+                .ok_or(("secret_env", format!("environment variable {var} is empty")))?,
+        );
     }
-    if let Some(file) = &repo.secret_file {
-        return read_secret_file(&base.join(file))
-            .map(Some)
-            .map_err(|m| ("secret_file", m));
+    for file in repo.secret_file.items() {
+        secrets.push(read_secret_file(&base.join(file)).map_err(|m| ("secret_file", m))?);
     }
     if let Some(secret) = &repo.secret {
         tracing::warn!(repo = %repo.name, "webhook secret given inline in the config; prefer secret_env or secret_file");
-        return non_empty(secret.clone().into_bytes())
-            .map(Some)
-            .ok_or(("secret", "is empty".into()));
+        secrets.push(
+            non_empty(secret.clone().into_bytes()).ok_or(("secret", "is empty".to_string()))?,
+        );
     }
-    tracing::warn!(repo = %repo.name, "no webhook secret configured: every webhook for this repo will be refused (401)");
-    Ok(None)
+    if secrets.is_empty() {
+        tracing::warn!(repo = %repo.name, "no webhook secret configured: every webhook for this repo will be refused (401)");
+    }
+    Ok(secrets)
+}
+
+fn resolve_auth(
+    auth: &mut GitAuth,
+    base: &Path,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (&'static str, String)> {
+    if auth.token_env.is_some() && auth.token_file.is_some() {
+        return Err(("token_env", "give only one of token_env, token_file".into()));
+    }
+    if let Some(var) = &auth.token_env {
+        let value = lookup(var).ok_or((
+            "token_env",
+            format!("environment variable {var} is not set"),
+        ))?;
+        auth.token = Some(
+            non_empty(value.into_bytes())
+                .ok_or(("token_env", format!("environment variable {var} is empty")))?,
+        );
+    }
+    if let Some(file) = &auth.token_file {
+        auth.token = Some(read_secret_file(&base.join(file)).map_err(|m| ("token_file", m))?);
+    }
+    if let Some(var) = &auth.ssh_passphrase_env {
+        let value = lookup(var).ok_or((
+            "ssh_passphrase_env",
+            format!("environment variable {var} is not set"),
+        ))?;
+        auth.ssh_passphrase = Some(Secret::new(value.into_bytes()));
+    }
+    if let Some(key) = &auth.ssh_key_file {
+        let path = base.join(key);
+        if !path.is_file() {
+            return Err((
+                "ssh_key_file",
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+        auth.ssh_key_file = Some(path);
+    }
+    if let Some(kh) = &auth.known_hosts_file {
+        let path = base.join(kh);
+        if !path.is_file() {
+            return Err((
+                "known_hosts_file",
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+        auth.known_hosts_file = Some(path);
+    }
+    Ok(())
 }
 
 /// Reads a secret from a file, without its trailing newline.
@@ -477,14 +657,11 @@ secret_env = "HOOK_SECRET"
         assert_eq!(c.server.listen.port(), 9000);
         assert_eq!(c.repos[0].branch, "main");
         assert_eq!(
-            c.repos[0].webhook_secret.as_ref().map(Secret::expose),
+            c.repos[0].webhook_secrets.first().map(Secret::expose),
             Some(b"s3cret".as_slice())
         );
         assert_eq!(c.store_url(), "sqlite://./data/confcast.db");
-        assert_eq!(
-            format!("{:?}", c.repos[0].webhook_secret),
-            "Some(Secret(***))"
-        );
+        assert_eq!(format!("{:?}", c.repos[0].webhook_secrets), "[Secret(***)]");
     }
 
     #[test]

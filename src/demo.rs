@@ -112,6 +112,57 @@ impl ConfigRepo {
         self.write_commit(&refname, &mut index, Some(&parent), message)
     }
 
+    /// Commits `changes` on `branch` as a merge of `other` (two parents): the caller passes the
+    /// files the merge brings in.
+    pub fn merge(
+        &self,
+        branch: &str,
+        other: &str,
+        changes: &[(&str, Option<&[u8]>)],
+        message: &str,
+    ) -> Result<Oid, git2::Error> {
+        let refname = format!("refs/heads/{branch}");
+        let ours = self.repo.find_reference(&refname)?.peel_to_commit()?;
+        let theirs = self
+            .repo
+            .find_reference(&format!("refs/heads/{other}"))?
+            .peel_to_commit()?;
+        let mut index = Index::new()?;
+        index.read_tree(&ours.tree()?)?;
+        for (path, content) in changes {
+            match content {
+                Some(bytes) => index.add(&entry(path, bytes.len(), self.repo.blob(bytes)?))?,
+                None => index.remove_path(Path::new(path))?,
+            }
+        }
+        let tree = self.repo.find_tree(index.write_tree_to(&self.repo)?)?;
+        let sig = Signature::now("Ada Config", "ada@example.com")?;
+        let oid = self
+            .repo
+            .commit(None, &sig, &sig, message, &tree, &[&ours, &theirs])?;
+        self.repo.reference(&refname, oid, true, message)?;
+        Ok(oid)
+    }
+
+    /// Creates `branch` at `commit`.
+    pub fn branch(&self, branch: &str, commit: Oid) -> Result<(), git2::Error> {
+        self.repo
+            .reference(&format!("refs/heads/{branch}"), commit, false, "branch")?;
+        Ok(())
+    }
+
+    /// Deletes `branch`.
+    pub fn delete_branch(&self, branch: &str) -> Result<(), git2::Error> {
+        self.repo
+            .find_reference(&format!("refs/heads/{branch}"))?
+            .delete()
+    }
+
+    /// Commits with no change at all (same tree as the parent).
+    pub fn empty_commit(&self, branch: &str, message: &str) -> Result<Oid, git2::Error> {
+        self.commit(branch, &[], message)
+    }
+
     /// Points `branch` at `commit` (a force push when it is not a descendant).
     pub fn reset(&self, branch: &str, commit: Oid) -> Result<(), git2::Error> {
         self.repo

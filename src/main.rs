@@ -247,7 +247,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!(
                     "  webhook : POST /webhooks/{} (secret {})",
                     repo.name,
-                    if repo.webhook_secret.is_some() {
+                    if !repo.webhook_secrets.is_empty() {
                         "set"
                     } else {
                         "MISSING: every webhook gets 401"

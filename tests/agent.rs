@@ -122,7 +122,7 @@ async fn agent_writes_files_reloads_acks_and_rolls_back_failures() {
     let c = repo
         .commit(
             "main",
-            &[("payments/app.toml", Some(b"port = bad\n".as_slice()))],
+            &[("payments/app.toml", Some(b"port = \"bad\"\n".as_slice()))],
             "v3",
         )
         .expect("commit");

@@ -248,7 +248,7 @@ async fn a_consumer_that_never_reads_is_cut_off_and_the_others_keep_up() {
     // Large changes fill the stuck socket's buffers quickly.
     let big = "x".repeat(512 * 1024);
     for n in 0..16 {
-        let body = format!("# {n}\n{big}");
+        let body = format!("n = {n}\npad = \"{big}\"\n");
         let c = repo
             .commit(
                 "main",
@@ -309,7 +309,7 @@ async fn a_slow_reader_gets_the_slow_consumer_close_code_and_resumes() {
     let big = "y".repeat(1024 * 1024);
     let mut commits = Vec::new();
     for n in 0..24 {
-        let body = format!("# {n}\n{big}");
+        let body = format!("n = {n}\npad = \"{big}\"\n");
         let c = repo
             .commit(
                 "main",

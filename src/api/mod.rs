@@ -138,6 +138,12 @@ async fn topic(
         .map(|f| json!({"path": f.path, "sha": f.sha, "bytes": f.content.len()}))
         .collect();
     let rollout = rollout(&app, &summary.topic, summary.version).await?;
+    let rejected = app
+        .store
+        .rejections(&summary.repo)
+        .await?
+        .into_iter()
+        .find(|r| r.topic == summary.topic);
     Ok(Json(json!({
         "topic": summary.topic,
         "repo": summary.repo,
@@ -147,6 +153,7 @@ async fn topic(
         "updated_at_ms": summary.updated_at_ms,
         "files": files,
         "rollout": rollout,
+        "rejected": rejected,
     })))
 }
 
@@ -284,8 +291,15 @@ async fn instance(
         .ok_or_else(|| AppError::NotFound(format!("no instance `{id}` has ever connected")))
 }
 
-async fn repos(State(app): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "repos": app.syncers.status() }))
+async fn repos(State(app): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    let mut repos = Vec::new();
+    for status in app.syncers.status() {
+        let rejections = app.store.rejections(&status.name).await?;
+        let mut v = serde_json::to_value(&status).unwrap_or_default();
+        v["rejections"] = serde_json::to_value(rejections).unwrap_or_default();
+        repos.push(v);
+    }
+    Ok(Json(json!({ "repos": repos })))
 }
 
 async fn force_sync(

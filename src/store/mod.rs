@@ -38,6 +38,25 @@ pub struct SyncOutcome {
     pub author: String,
     pub message: String,
     pub topics: Vec<TopicChange>,
+    /// Topics held back by validation, written with the publish.
+    pub rejected: Vec<Rejection>,
+    /// Topics no longer held back.
+    pub cleared: Vec<String>,
+}
+
+/// A topic change held back because a file did not validate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    pub repo: String,
+    pub topic: String,
+    /// The commit the topic was last good at: its next change is diffed from here.
+    pub base_commit: String,
+    pub commit: String,
+    pub author: String,
+    pub path: String,
+    pub line: Option<u32>,
+    pub message: String,
+    pub at_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -209,6 +228,18 @@ pub trait Store: Send + Sync + 'static {
         error: Option<&str>,
     ) -> Result<Result<(), AckRejection>, StoreError>;
     async fn acks(&self) -> Result<Vec<AckRecord>, StoreError>;
+    /// Remembers a webhook delivery id; `false` when it was seen before (a redelivery). Keeps
+    /// the most recent ids only (bounded).
+    async fn remember_delivery(
+        &self,
+        repo: &str,
+        provider: &str,
+        id: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Topics of `repo` held back by validation.
+    async fn rejections(&self, repo: &str) -> Result<Vec<Rejection>, StoreError>;
+
     /// The acks of one instance.
     async fn acks_of(&self, instance: &str) -> Result<Vec<AckRecord>, StoreError>;
 

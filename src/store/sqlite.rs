@@ -15,12 +15,13 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
     now_ms, AckRecord, AckRejection, HistoryEntry, HistoryFile, InstanceRecord, LoggedEvent,
-    RepoRecord, Store, StoreError, SyncOutcome, TopicSummary,
+    Rejection, RepoRecord, Store, StoreError, SyncOutcome, TopicSummary,
 };
 use crate::protocol::{AckStatus, Change, FileStatus, ServerMessage, Snapshot, SnapshotFile};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE log_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
 INSERT INTO log_head (id, seq) VALUES (1, 0);
 CREATE TABLE repos (name TEXT PRIMARY KEY, head TEXT NOT NULL, synced_at INTEGER NOT NULL);
@@ -41,7 +42,22 @@ CREATE TABLE instances (
 CREATE TABLE acks (
     instance TEXT NOT NULL, topic TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
     error TEXT, acked_at INTEGER NOT NULL, PRIMARY KEY (instance, topic));
-"#];
+"#,
+    r#"
+CREATE TABLE deliveries (
+    n INTEGER PRIMARY KEY AUTOINCREMENT, repo TEXT NOT NULL, provider TEXT NOT NULL, id TEXT NOT NULL,
+    received_at INTEGER NOT NULL, UNIQUE (repo, provider, id));
+"#,
+    r#"
+CREATE TABLE rejections (
+    repo TEXT NOT NULL, topic TEXT NOT NULL, base_commit TEXT NOT NULL, commit_id TEXT NOT NULL,
+    author TEXT NOT NULL, path TEXT NOT NULL, line INTEGER, message TEXT NOT NULL, at INTEGER NOT NULL,
+    PRIMARY KEY (repo, topic));
+"#,
+];
+
+/// How many webhook delivery ids are remembered for redelivery detection.
+const DELIVERIES_KEPT: i64 = 10_000;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -276,6 +292,32 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
             changes.push(change);
+        }
+        for topic in &outcome.cleared {
+            sqlx::query("DELETE FROM rejections WHERE repo = ?1 AND topic = ?2")
+                .bind(&outcome.repo)
+                .bind(topic)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for r in &outcome.rejected {
+            sqlx::query(
+                "INSERT INTO rejections (repo, topic, base_commit, commit_id, author, path, line, message, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (repo, topic) DO UPDATE SET commit_id = excluded.commit_id, author = excluded.author,
+                   path = excluded.path, line = excluded.line, message = excluded.message, at = excluded.at",
+            )
+            .bind(&r.repo)
+            .bind(&r.topic)
+            .bind(&r.base_commit)
+            .bind(&r.commit)
+            .bind(&r.author)
+            .bind(&r.path)
+            .bind(r.line.map(i64::from))
+            .bind(&r.message)
+            .bind(r.at_ms)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query("UPDATE log_head SET seq = ?1 WHERE id = 1")
             .bind(to_i64(seq))
@@ -532,6 +574,58 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(Ok(()))
+    }
+
+    async fn remember_delivery(
+        &self,
+        repo: &str,
+        provider: &str,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO deliveries (repo, provider, id, received_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (repo, provider, id) DO NOTHING",
+        )
+        .bind(repo)
+        .bind(provider)
+        .bind(id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            sqlx::query("DELETE FROM deliveries WHERE n <= (SELECT MAX(n) FROM deliveries) - ?1")
+                .bind(DELIVERIES_KEPT)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(inserted == 1)
+    }
+
+    async fn rejections(&self, repo: &str) -> Result<Vec<Rejection>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT repo, topic, base_commit, commit_id, author, path, line, message, at FROM rejections
+             WHERE repo = ?1 ORDER BY topic",
+        )
+        .bind(repo)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Rejection {
+                repo: r.get("repo"),
+                topic: r.get("topic"),
+                base_commit: r.get("base_commit"),
+                commit: r.get("commit_id"),
+                author: r.get("author"),
+                path: r.get("path"),
+                line: r
+                    .get::<Option<i64>, _>("line")
+                    .and_then(|l| u32::try_from(l).ok()),
+                message: r.get("message"),
+                at_ms: r.get("at"),
+            })
+            .collect())
     }
 
     async fn acks(&self) -> Result<Vec<AckRecord>, StoreError> {

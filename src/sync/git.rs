@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use git2::{Delta, DiffFindOptions, DiffOptions, FetchOptions, FileMode, Oid, Repository};
 
+use super::auth;
 use crate::config::RepoConfig;
 use crate::protocol::FileStatus;
 use crate::store::{ChangedFile, SyncOutcome, TopicChange};
@@ -30,6 +31,8 @@ pub enum GitError {
     },
     #[error("repo `{repo}`: branch `{branch}` does not exist on the remote (check repos.branch)")]
     BranchMissing { repo: String, branch: String },
+    #[error("{message}")]
+    Remote { message: String },
     #[error("repo `{repo}`: {what}: {source}")]
     Read {
         repo: String,
@@ -49,6 +52,7 @@ pub fn sync(
     data_dir: &Path,
     repo: &RepoConfig,
     last: Option<&str>,
+    withheld: &BTreeMap<String, String>,
 ) -> Result<Option<SyncOutcome>, GitError> {
     let path = mirror_path(data_dir, &repo.name);
     let mirror = open_mirror(&path, repo)?;
@@ -67,21 +71,79 @@ pub fn sync(
     };
     let new_commit = mirror.find_commit(head).map_err(read("new head commit"))?;
     let new_tree = new_commit.tree().map_err(read("new head tree"))?;
-    let old_tree = match last.map(Oid::from_str) {
+    let tree_of = |commit: Option<&str>| match commit.map(Oid::from_str) {
         Some(Ok(oid)) => match mirror.find_commit(oid).and_then(|c| c.tree()) {
             Ok(tree) => Some(tree),
             Err(e) => {
-                tracing::warn!(repo = %repo.name, last = ?last, error = %e,
-                    "last published commit is not in the mirror; publishing the whole tree");
+                tracing::warn!(repo = %repo.name, commit = ?commit, error = %e,
+                    "published commit is not in the mirror; diffing from an empty tree");
                 None
             }
         },
         _ => None,
     };
+    let mut topics = diff_topics(&mirror, repo, tree_of(last).as_ref(), &new_tree)?;
+    // Topics held back by a failed validation diff from where they last were good, so nothing
+    // committed since is lost when they are published again.
+    topics.retain(|t, _| !withheld.contains_key(t));
+    let mut bases: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (topic, base) in withheld {
+        bases.entry(base.as_str()).or_default().push(topic.as_str());
+    }
+    for (base, names) in bases {
+        let base = (!base.is_empty()).then_some(base);
+        let mut from_base = diff_topics(&mirror, repo, tree_of(base).as_ref(), &new_tree)?;
+        for name in names {
+            topics.insert(name.to_string(), from_base.remove(name).unwrap_or_default());
+        }
+    }
+    let author = new_commit.author();
+    let author = match (author.name(), author.email()) {
+        (Some(n), Some(e)) => format!("{n} <{e}>"),
+        (Some(n), None) => n.to_string(),
+        _ => String::new(),
+    };
+    Ok(Some(SyncOutcome {
+        repo: repo.name.clone(),
+        commit: head.to_string(),
+        author,
+        message: new_commit
+            .message()
+            .unwrap_or_default()
+            .trim_end()
+            .to_string(),
+        topics: topics
+            .into_iter()
+            .map(|(topic, mut files)| {
+                files.sort_by(|a, b| a.path.cmp(&b.path));
+                TopicChange { topic, files }
+            })
+            .collect(),
+        rejected: Vec::new(),
+        cleared: Vec::new(),
+    }))
+}
+
+/// The changes from `old` (or nothing) to `new`, grouped by topic.
+fn diff_topics(
+    mirror: &Repository,
+    repo: &RepoConfig,
+    old_tree: Option<&git2::Tree<'_>>,
+    new_tree: &git2::Tree<'_>,
+) -> Result<BTreeMap<String, Vec<ChangedFile>>, GitError> {
+    let read = |what: &str| {
+        let what = what.to_string();
+        let name = repo.name.clone();
+        move |source| GitError::Read {
+            repo: name,
+            what,
+            source,
+        }
+    };
     let mut opts = DiffOptions::new();
     opts.include_typechange(true);
     let mut diff = mirror
-        .diff_tree_to_tree(old_tree.as_ref(), Some(&new_tree), Some(&mut opts))
+        .diff_tree_to_tree(old_tree, Some(new_tree), Some(&mut opts))
         .map_err(read("diff"))?;
     let mut find = DiffFindOptions::new();
     find.renames(true);
@@ -201,29 +263,7 @@ pub fn sync(
             _ => {}
         }
     }
-    let author = new_commit.author();
-    let author = match (author.name(), author.email()) {
-        (Some(n), Some(e)) => format!("{n} <{e}>"),
-        (Some(n), None) => n.to_string(),
-        _ => String::new(),
-    };
-    Ok(Some(SyncOutcome {
-        repo: repo.name.clone(),
-        commit: head.to_string(),
-        author,
-        message: new_commit
-            .message()
-            .unwrap_or_default()
-            .trim_end()
-            .to_string(),
-        topics: topics
-            .into_iter()
-            .map(|(topic, mut files)| {
-                files.sort_by(|a, b| a.path.cmp(&b.path));
-                TopicChange { topic, files }
-            })
-            .collect(),
-    }))
+    Ok(topics)
 }
 
 fn open_mirror(path: &Path, repo: &RepoConfig) -> Result<Repository, GitError> {
@@ -249,31 +289,36 @@ fn fetch(mirror: &Repository, repo: &RepoConfig) -> Result<Oid, GitError> {
         url: redact_url(&repo.url),
         source,
     };
-    let mut remote = mirror.remote_anonymous(&repo.url).map_err(fetch_err)?;
-    let local = format!("refs/remotes/origin/{}", repo.branch);
-    let refspec = format!("+refs/heads/{}:{local}", repo.branch);
-    let mut opts = FetchOptions::new();
-    opts.download_tags(git2::AutotagOption::None);
-    if let Err(source) = remote.fetch(&[refspec.as_str()], Some(&mut opts), None) {
-        let text = source.message().to_ascii_lowercase();
-        if text.contains("couldn't find remote ref") || text.contains("could not find remote ref") {
-            return Err(GitError::BranchMissing {
-                repo: repo.name.clone(),
-                branch: repo.branch.clone(),
-            });
-        }
-        return Err(fetch_err(source));
-    }
-    let reference = mirror
-        .find_reference(&local)
-        .map_err(|_| GitError::BranchMissing {
-            repo: repo.name.clone(),
-            branch: repo.branch.clone(),
-        })?;
-    reference.target().ok_or_else(|| GitError::BranchMissing {
+    let missing = || GitError::BranchMissing {
         repo: repo.name.clone(),
         branch: repo.branch.clone(),
-    })
+    };
+    let mut remote = mirror.remote_anonymous(&repo.url).map_err(fetch_err)?;
+    let local = format!("refs/remotes/origin/{}", repo.branch);
+    let remote_ref = format!("refs/heads/{}", repo.branch);
+    let refspec = format!("+{remote_ref}:{local}");
+    let deadline = std::time::Instant::now() + auth::fetch_timeout(&repo.auth);
+    let failure = std::rc::Rc::new(std::cell::RefCell::new(None::<String>));
+    let mut opts = FetchOptions::new();
+    opts.download_tags(git2::AutotagOption::None);
+    // With pruning, a branch deleted on the remote disappears here too, so "missing" is
+    // detected (a refspec naming a missing branch otherwise fetches nothing and fails nothing).
+    opts.prune(git2::FetchPrune::On);
+    opts.remote_callbacks(auth::callbacks(repo, deadline, failure.clone()));
+    remote
+        .fetch(&[refspec.as_str()], Some(&mut opts), None)
+        .map_err(|source| {
+            let text = source.message().to_ascii_lowercase();
+            if text.contains("couldn't find remote ref")
+                || text.contains("could not find remote ref")
+            {
+                missing()
+            } else {
+                auth::explain(repo, source, &failure)
+            }
+        })?;
+    let reference = mirror.find_reference(&local).map_err(|_| missing())?;
+    reference.target().ok_or_else(missing)
 }
 
 /// Drops any user:password part of a URL before it goes into an error or a log.

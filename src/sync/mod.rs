@@ -3,12 +3,15 @@
 //! Invariant it owns: at most one sync per repo runs at a time; wake-ups that arrive during a sync
 //! coalesce into exactly one more sync (a `Notify` holds at most one permit).
 
+pub mod auth;
 pub mod git;
 pub mod rules;
+pub mod validate;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -17,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{RepoConfig, RetentionConfig};
 use crate::hub::Hub;
-use crate::store::Store;
+use crate::store::{Rejection, Store, SyncOutcome};
 
 /// What the API shows about a repo's syncing.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -31,6 +34,9 @@ pub struct RepoStatus {
     pub last_sync_ms: Option<i64>,
     pub last_error: Option<String>,
     pub syncing: bool,
+    /// When the next scheduled fetch (poll, or retry after an error) happens, if any.
+    pub next_poll_ms: Option<i64>,
+    pub poll_interval_secs: u64,
 }
 
 struct Worker {
@@ -61,6 +67,7 @@ impl Syncers {
                 name: repo.name.clone(),
                 branch: repo.branch.clone(),
                 url: git::redact_url(&repo.url),
+                poll_interval_secs: repo.poll_interval_secs,
                 ..RepoStatus::default()
             }));
             wake.notify_one();
@@ -111,13 +118,32 @@ struct Job {
 
 impl Job {
     async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let mut failures = 0u32;
         loop {
+            // After a failure retry with backoff (1 s, 2 s, ... 60 s); otherwise poll on schedule.
+            let wait = if failures > 0 {
+                Some(Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60)))
+            } else {
+                (self.repo.poll_interval_secs > 0)
+                    .then(|| Duration::from_secs(self.repo.poll_interval_secs))
+            };
+            let next_ms = wait
+                .map(|w| crate::store::now_ms() + i64::try_from(w.as_millis()).unwrap_or(i64::MAX));
+            self.set(|s| s.next_poll_ms = next_ms);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = wake.notified() => {}
+                _ = async { match wait { Some(w) => tokio::time::sleep(w).await, None => std::future::pending().await } } => {
+                    tracing::debug!(repo = %self.repo.name, "scheduled fetch");
+                }
             }
             self.set(|s| s.syncing = true);
             let result = self.sync_once().await;
+            failures = if result.is_ok() {
+                0
+            } else {
+                failures.saturating_add(1)
+            };
             self.set(|s| {
                 s.syncing = false;
                 s.syncs += 1;
@@ -136,6 +162,56 @@ impl Job {
         }
     }
 
+    /// Holds back every topic change with a file that does not parse, and releases topics that
+    /// were held back and now validate (or went back to their last good state).
+    fn validate(
+        &self,
+        outcome: &mut SyncOutcome,
+        last: Option<&str>,
+        withheld: &BTreeMap<String, String>,
+    ) {
+        let rules = &self.repo.rules;
+        let mut keep = Vec::with_capacity(outcome.topics.len());
+        for change in std::mem::take(&mut outcome.topics) {
+            let problem = change.files.iter().find_map(|f| {
+                let bytes = f.content.as_deref()?;
+                validate::check(rules.format_of(&f.path), bytes)
+                    .err()
+                    .map(|p| (f.path.clone(), p))
+            });
+            match problem {
+                Some((path, p)) => {
+                    tracing::warn!(repo = %self.repo.name, topic = %change.topic, %path, line = ?p.line,
+                        error = %p.message, commit = %outcome.commit, "validation failed; topic held back");
+                    outcome.rejected.push(Rejection {
+                        repo: self.repo.name.clone(),
+                        topic: change.topic.clone(),
+                        base_commit: withheld
+                            .get(&change.topic)
+                            .cloned()
+                            .unwrap_or_else(|| last.unwrap_or_default().to_string()),
+                        commit: outcome.commit.clone(),
+                        author: outcome.author.clone(),
+                        path,
+                        line: p.line,
+                        message: p.message,
+                        at_ms: crate::store::now_ms(),
+                    });
+                }
+                None => {
+                    if withheld.contains_key(&change.topic) {
+                        tracing::info!(repo = %self.repo.name, topic = %change.topic, "topic valid again; released");
+                        outcome.cleared.push(change.topic.clone());
+                    }
+                    if !change.files.is_empty() {
+                        keep.push(change);
+                    }
+                }
+            }
+        }
+        outcome.topics = keep;
+    }
+
     async fn sync_once(&self) -> Result<(), String> {
         let last = self
             .store
@@ -143,15 +219,38 @@ impl Job {
             .await
             .map_err(|e| e.to_string())?;
         self.set(|s| s.head = last.clone());
-        let (repo, dir, prev) = (self.repo.clone(), self.data_dir.clone(), last.clone());
-        let outcome = tokio::task::spawn_blocking(move || git::sync(&dir, &repo, prev.as_deref()))
+        let withheld: BTreeMap<String, String> = self
+            .store
+            .rejections(&self.repo.name)
             .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|r| (r.topic, r.base_commit))
+            .collect();
+        let (repo, dir, prev, held) = (
+            self.repo.clone(),
+            self.data_dir.clone(),
+            last.clone(),
+            withheld.clone(),
+        );
+        let timeout = auth::fetch_timeout(&self.repo.auth) + Duration::from_secs(5);
+        let task =
+            tokio::task::spawn_blocking(move || git::sync(&dir, &repo, prev.as_deref(), &held));
+        let outcome = tokio::time::timeout(timeout, task)
+            .await
+            .map_err(|_| {
+                format!(
+                    "repo `{}`: sync did not finish within {timeout:?}",
+                    self.repo.name
+                )
+            })?
             .map_err(|e| format!("sync task failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        let Some(outcome) = outcome else {
+        let Some(mut outcome) = outcome else {
             tracing::debug!(repo = %self.repo.name, "head unchanged");
             return Ok(());
         };
+        self.validate(&mut outcome, last.as_deref(), &withheld);
         let changes = self
             .store
             .publish(&outcome)

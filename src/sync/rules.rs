@@ -5,6 +5,8 @@
 //! character). First matching rule wins; a path no rule matches belongs to no topic and is never sent.
 
 use regex::Regex;
+
+use super::validate::Format;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -12,12 +14,16 @@ use serde::Deserialize;
 pub struct TopicRule {
     pub pattern: String,
     pub topic: String,
+    /// `toml`, `json`, `yaml` or `none`; default: by the file's extension.
+    #[serde(default)]
+    pub validate: Option<Format>,
 }
 
 #[derive(Debug, Clone)]
 struct Compiled {
     regex: Regex,
     template: Vec<Piece>,
+    validate: Option<Format>,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +53,7 @@ impl TopicRules {
         let default = [TopicRule {
             pattern: DEFAULT_RULE.0.into(),
             topic: DEFAULT_RULE.1.into(),
+            validate: None,
         }];
         let rules = if rules.is_empty() {
             &default[..]
@@ -79,6 +86,15 @@ impl TopicRules {
             }
         }
         None
+    }
+
+    /// How a file must parse before its topic is published.
+    pub fn format_of(&self, path: &str) -> Format {
+        self.rules
+            .iter()
+            .find(|r| r.regex.is_match(path))
+            .and_then(|r| r.validate)
+            .unwrap_or_else(|| Format::by_extension(path))
     }
 
     /// Human-readable rules for `check-config`.
@@ -131,7 +147,11 @@ fn compile_rule(rule: &TopicRule) -> Result<Compiled, String> {
     re.push('$');
     let regex = Regex::new(&re).map_err(|e| format!("pattern `{}`: {e}", rule.pattern))?;
     let template = parse_template(&rule.topic, wildcards)?;
-    Ok(Compiled { regex, template })
+    Ok(Compiled {
+        regex,
+        template,
+        validate: rule.validate,
+    })
 }
 
 fn parse_template(topic: &str, wildcards: usize) -> Result<Vec<Piece>, String> {
@@ -173,6 +193,7 @@ mod tests {
             .map(|(p, t)| TopicRule {
                 pattern: p.to_string(),
                 topic: t.to_string(),
+                validate: None,
             })
             .collect();
         TopicRules::compile(&rules).expect("rules compile")
@@ -219,10 +240,12 @@ mod tests {
             TopicRule {
                 pattern: "a/*".into(),
                 topic: "{1}".into(),
+                validate: None,
             },
             TopicRule {
                 pattern: "b/*".into(),
                 topic: "{2}".into(),
+                validate: None,
             },
         ];
         let err = TopicRules::compile(&bad).expect_err("{2} has no wildcard");

@@ -6,26 +6,48 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
-use super::{header, Intake, WebhookError};
-use crate::config::Secret;
+use super::{header, Intake, RefUpdate, WebhookError, ZERO_SHA};
+use crate::config::{HmacAlgorithm, Secret};
 
-const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
-
-/// Checks `X-Hub-Signature-256` over the raw body, in constant time.
-pub fn verify(headers: &HeaderMap, body: &[u8], secret: &Secret) -> Result<(), WebhookError> {
-    let given = header(headers, "x-hub-signature-256").ok_or_else(|| {
-        WebhookError::MissingSignature("X-Hub-Signature-256 header is missing".into())
-    })?;
-    let hex_sig = given
-        .strip_prefix("sha256=")
-        .ok_or(WebhookError::BadSignature)?;
-    let sig = hex::decode(hex_sig).map_err(|_| WebhookError::BadSignature)?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.expose()).map_err(|_| WebhookError::BadSignature)?;
-    mac.update(body);
-    // verify_slice compares in constant time.
-    mac.verify_slice(&sig)
-        .map_err(|_| WebhookError::BadSignature)
+/// Checks `X-Hub-Signature-256` over the raw body, in constant time against every secret. The
+/// legacy SHA-1 `X-Hub-Signature` counts only when `legacy_sha1` is configured and no SHA-256
+/// signature was sent.
+pub fn verify(
+    headers: &HeaderMap,
+    body: &[u8],
+    secrets: &[Secret],
+    legacy_sha1: bool,
+) -> Result<(), WebhookError> {
+    if legacy_sha1 && header(headers, "x-hub-signature-256").is_none() {
+        let given = header(headers, "x-hub-signature").ok_or_else(|| {
+            WebhookError::MissingSignature("X-Hub-Signature-256 header is missing".into())
+        })?;
+        let sig = given
+            .strip_prefix("sha1=")
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or(WebhookError::BadSignature)?;
+        let ok = secrets.iter().any(|s| {
+            Hmac::<sha1::Sha1>::new_from_slice(s.expose())
+                .map(|mut mac| {
+                    mac.update(body);
+                    mac.verify_slice(&sig).is_ok()
+                })
+                .unwrap_or(false)
+        });
+        return if ok {
+            Ok(())
+        } else {
+            Err(WebhookError::BadSignature)
+        };
+    }
+    super::verify_hex_header(
+        headers,
+        "x-hub-signature-256",
+        "sha256=",
+        HmacAlgorithm::Sha256,
+        secrets,
+        body,
+    )
 }
 
 #[derive(Deserialize)]
@@ -60,12 +82,11 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
             let json = json_body(headers, body)?;
             let push: PushPayload = serde_json::from_slice(&json)
                 .map_err(|e| WebhookError::Malformed(format!("GitHub push payload: {e}")))?;
-            let after = push.after.unwrap_or_default();
-            Ok(Intake::Push {
-                deleted: push.deleted || after == ZERO_SHA,
+            Ok(Intake::Push(Some(vec![RefUpdate {
+                deleted: push.deleted || push.after.as_deref() == Some(ZERO_SHA),
                 git_ref: push.git_ref,
-                after,
-            })
+                after: push.after,
+            }])))
         }
         other => Ok(Intake::Ignored(format!(
             "GitHub event `{other}` is not handled"
@@ -101,14 +122,45 @@ mod tests {
         let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
         assert_eq!(sign(secret.expose(), b"Hello, World!"), sig);
         let h = headers(&[("x-hub-signature-256", sig)]);
-        assert_eq!(verify(&h, b"Hello, World!", &secret), Ok(()));
         assert_eq!(
-            verify(&h, b"Hello, World?", &secret),
+            verify(&h, b"Hello, World!", std::slice::from_ref(&secret), false),
+            Ok(())
+        );
+        assert_eq!(
+            verify(&h, b"Hello, World?", std::slice::from_ref(&secret), false),
             Err(WebhookError::BadSignature)
         );
         let wrong = Secret::new("another");
         assert_eq!(
-            verify(&h, b"Hello, World!", &wrong),
+            verify(&h, b"Hello, World!", std::slice::from_ref(&wrong), false),
+            Err(WebhookError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn legacy_sha1_only_when_enabled() {
+        let body = b"payload";
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(b"s").expect("key");
+        mac.update(body);
+        let sig = format!("sha1={}", hex::encode(mac.finalize().into_bytes()));
+        let h = headers(&[("x-hub-signature", sig.as_str())]);
+        let secrets = [Secret::new("s")];
+        assert!(matches!(
+            verify(&h, body, &secrets, false),
+            Err(WebhookError::MissingSignature(_))
+        ));
+        assert_eq!(verify(&h, body, &secrets, true), Ok(()));
+        assert_eq!(
+            verify(&h, b"other", &secrets, true),
+            Err(WebhookError::BadSignature)
+        );
+        // a SHA-256 signature present always decides, even with legacy enabled
+        let h = headers(&[
+            ("x-hub-signature", sig.as_str()),
+            ("x-hub-signature-256", "sha256=00"),
+        ]);
+        assert_eq!(
+            verify(&h, body, &secrets, true),
             Err(WebhookError::BadSignature)
         );
     }
@@ -119,13 +171,18 @@ mod tests {
         for sig in ["", "sha256=", "sha256=zz", "sha1=abcd", "757107ea"] {
             let h = headers(&[("x-hub-signature-256", sig)]);
             assert_eq!(
-                verify(&h, b"x", &secret),
+                verify(&h, b"x", std::slice::from_ref(&secret), false),
                 Err(WebhookError::BadSignature),
                 "{sig}"
             );
         }
         assert!(matches!(
-            verify(&HeaderMap::new(), b"x", &secret),
+            verify(
+                &HeaderMap::new(),
+                b"x",
+                std::slice::from_ref(&secret),
+                false
+            ),
             Err(WebhookError::MissingSignature(_))
         ));
     }
@@ -137,11 +194,11 @@ mod tests {
             ("x-github-event", "push"),
             ("content-type", "application/json"),
         ]);
-        let expected = Intake::Push {
+        let expected = Intake::Push(Some(vec![RefUpdate {
             git_ref: "refs/heads/master".into(),
-            after: "6113728f27ae82c7b1a177c8d03f9e96e0adf246".into(),
+            after: Some("6113728f27ae82c7b1a177c8d03f9e96e0adf246".into()),
             deleted: false,
-        };
+        }]));
         assert_eq!(parse(&h, body).expect("json push parses"), expected);
 
         let form: String = form_urlencoded::Serializer::new(String::new())
@@ -165,7 +222,7 @@ mod tests {
         let tag = include_bytes!("../../fixtures/webhooks/github-push-tag-created.json");
         let h = headers(&[("x-github-event", "push")]);
         match parse(&h, tag).expect("tag push parses") {
-            Intake::Push { git_ref, .. } => assert_eq!(git_ref, "refs/tags/simple-tag"),
+            Intake::Push(Some(refs)) => assert_eq!(refs[0].git_ref, "refs/tags/simple-tag"),
             other => panic!("expected a push, got {other:?}"),
         }
         let ping = include_bytes!("../../fixtures/webhooks/github-ping.json");

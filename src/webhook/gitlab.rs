@@ -1,24 +1,84 @@
-//! GitLab: the secret token comes back in `X-Gitlab-Token` and is compared in constant time;
-//! `Push Hook` and `Tag Push Hook` events.
+//! GitLab: either the secret token in `X-Gitlab-Token` (compared in constant time), or the signing
+//! token of newer GitLab versions, which follows Standard Webhooks: `webhook-signature: v1,<base64>`
+//! is HMAC-SHA256, keyed with the base64-decoded part of the `whsec_` secret, over
+//! `{webhook-id}.{webhook-timestamp}.{body}`, and the timestamp must be recent (replays).
 
 use axum::http::HeaderMap;
+use base64::Engine as _;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::{header, Intake, WebhookError};
-use crate::config::Secret;
+use super::{header, Intake, RefUpdate, WebhookError, ZERO_SHA};
+use crate::config::{HmacAlgorithm, Secret};
 
-const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
-
-pub fn verify(headers: &HeaderMap, secret: &Secret) -> Result<(), WebhookError> {
-    let given = headers
-        .get("x-gitlab-token")
-        .ok_or_else(|| WebhookError::MissingSignature("X-Gitlab-Token header is missing".into()))?;
-    if bool::from(given.as_bytes().ct_eq(secret.expose())) {
+pub fn verify(
+    headers: &HeaderMap,
+    body: &[u8],
+    secrets: &[Secret],
+    now: i64,
+    tolerance_secs: u64,
+) -> Result<(), WebhookError> {
+    if let Some(signatures) = header(headers, "webhook-signature") {
+        return verify_standard(headers, signatures, body, secrets, now, tolerance_secs);
+    }
+    let given = headers.get("x-gitlab-token").ok_or_else(|| {
+        WebhookError::MissingSignature(
+            "X-Gitlab-Token (or webhook-signature) header is missing".into(),
+        )
+    })?;
+    if secrets
+        .iter()
+        .any(|s| bool::from(given.as_bytes().ct_eq(s.expose())))
+    {
         Ok(())
     } else {
         Err(WebhookError::BadSignature)
     }
+}
+
+/// The HMAC key of a Standard Webhooks secret: the base64 after `whsec_`.
+fn signing_key(secret: &Secret) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(secret.expose()).ok()?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.strip_prefix("whsec_").unwrap_or(text))
+        .ok()
+}
+
+fn verify_standard(
+    headers: &HeaderMap,
+    signatures: &str,
+    body: &[u8],
+    secrets: &[Secret],
+    now: i64,
+    tolerance_secs: u64,
+) -> Result<(), WebhookError> {
+    let id = header(headers, "webhook-id")
+        .ok_or_else(|| WebhookError::MissingSignature("webhook-id header is missing".into()))?;
+    let timestamp = header(headers, "webhook-timestamp").ok_or_else(|| {
+        WebhookError::MissingSignature("webhook-timestamp header is missing".into())
+    })?;
+    let ts: i64 = timestamp.parse().map_err(|_| WebhookError::BadSignature)?;
+    if now.abs_diff(ts) > tolerance_secs {
+        return Err(WebhookError::Stale);
+    }
+    let keys: Vec<Vec<u8>> = secrets.iter().filter_map(signing_key).collect();
+    // The header may carry several space-separated signatures (key rotation on the sender side).
+    for candidate in signatures.split_whitespace() {
+        let Some(b64) = candidate.strip_prefix("v1,") else {
+            continue;
+        };
+        let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+            continue;
+        };
+        let parts: [&[u8]; 5] = [id.as_bytes(), b".", timestamp.as_bytes(), b".", body];
+        if keys
+            .iter()
+            .any(|k| super::hmac_key_matches(HmacAlgorithm::Sha256, k, &parts, &sig))
+        {
+            return Ok(());
+        }
+    }
+    Err(WebhookError::BadSignature)
 }
 
 #[derive(Deserialize)]
@@ -35,12 +95,11 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
         "Push Hook" | "Tag Push Hook" => {
             let push: PushPayload = serde_json::from_slice(body)
                 .map_err(|e| WebhookError::Malformed(format!("GitLab push payload: {e}")))?;
-            let after = push.after.unwrap_or_default();
-            Ok(Intake::Push {
-                deleted: after == ZERO_SHA,
+            Ok(Intake::Push(Some(vec![RefUpdate {
+                deleted: push.after.as_deref() == Some(ZERO_SHA),
                 git_ref: push.git_ref,
-                after,
-            })
+                after: push.after,
+            }])))
         }
         other => Ok(Intake::Ignored(format!(
             "GitLab event `{other}` is not handled"
@@ -52,31 +111,83 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn token_must_match_exactly() {
-        let secret = Secret::new("s3cret");
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert("x-gitlab-token", "s3cret".parse().expect("header"));
-        assert_eq!(verify(&h, &secret), Ok(()));
-        h.insert("x-gitlab-token", "s3cre".parse().expect("header"));
-        assert_eq!(verify(&h, &secret), Err(WebhookError::BadSignature));
-        h.insert("x-gitlab-token", "s3cretx".parse().expect("header"));
-        assert_eq!(verify(&h, &secret), Err(WebhookError::BadSignature));
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("valid header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn token_must_match_exactly_and_rotation_accepts_both() {
+        let secrets = [Secret::new("s3cret"), Secret::new("previous")];
+        for (token, ok) in [
+            ("s3cret", true),
+            ("previous", true),
+            ("s3cre", false),
+            ("s3cretx", false),
+        ] {
+            let h = headers(&[("x-gitlab-token", token)]);
+            assert_eq!(verify(&h, b"{}", &secrets, 0, 300).is_ok(), ok, "{token}");
+        }
+    }
+
+    #[test]
+    fn standard_webhooks_published_vector_verifies() {
+        let secrets = [Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")];
+        let body = br#"{"test": 2432232314}"#;
+        let h = headers(&[
+            ("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek"),
+            ("webhook-timestamp", "1614265330"),
+            (
+                "webhook-signature",
+                "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+            ),
+        ]);
+        assert_eq!(verify(&h, body, &secrets, 1614265330, 300), Ok(()));
+        assert_eq!(
+            verify(&h, br#"{"test": 2432232315}"#, &secrets, 1614265330, 300),
+            Err(WebhookError::BadSignature)
+        );
+        assert_eq!(
+            verify(&h, body, &secrets, 1614265330 + 301, 300),
+            Err(WebhookError::Stale),
+            "replayed too late"
+        );
+        assert_eq!(
+            verify(&h, body, &secrets, 1614265330 - 301, 300),
+            Err(WebhookError::Stale)
+        );
+        let other = [Secret::new("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")];
+        assert_eq!(
+            verify(&h, body, &other, 1614265330, 300),
+            Err(WebhookError::BadSignature)
+        );
+        // several signatures in one header: any valid one counts
+        let h = headers(&[
+            ("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek"),
+            ("webhook-timestamp", "1614265330"),
+            (
+                "webhook-signature",
+                "v1,AAAA v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+            ),
+        ]);
+        assert_eq!(verify(&h, body, &secrets, 1614265330, 300), Ok(()));
     }
 
     #[test]
     fn real_first_push_payload_parses() {
         let body =
             include_bytes!("../../fixtures/webhooks/gitlab-push-first-to-empty-project.json");
-        let mut h = HeaderMap::new();
-        h.insert("x-gitlab-event", "Push Hook".parse().expect("header"));
+        let h = headers(&[("x-gitlab-event", "Push Hook")]);
         assert_eq!(
             parse(&h, body),
-            Ok(Intake::Push {
+            Ok(Intake::Push(Some(vec![RefUpdate {
                 git_ref: "refs/heads/master".into(),
-                after: "da1560886d4f094c3e6c9ef40349f7d38b5d27d7".into(),
+                after: Some("da1560886d4f094c3e6c9ef40349f7d38b5d27d7".into()),
                 deleted: false
-            })
+            }])))
         );
     }
 }

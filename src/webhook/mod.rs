@@ -1,8 +1,13 @@
-//! Webhook intake: `POST /webhooks/{repo}`. Verifies the forge's signature over the raw body before
-//! anything is parsed, then only wakes the repo's syncer. The reply never waits for git.
+//! Webhook intake: `POST /webhooks/{repo}`. Verifies the forge's signature over the raw body, in
+//! constant time, before anything is parsed; remembers delivery ids so a redelivery triggers
+//! nothing; then only wakes the repo's syncer. The reply never waits for git.
 //!
-//! Must never: parse an unverified body, trust the payload's file lists or `before`, or log a secret.
+//! Must never: parse an unverified body, let a request choose the algorithm, trust the payload's
+//! file lists or `before`, or log a secret.
 
+pub mod bitbucket;
+pub mod generic;
+pub mod gitea;
 pub mod github;
 pub mod gitlab;
 
@@ -11,21 +16,29 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hmac::{Hmac, Mac};
 use serde_json::json;
 
 use crate::api::{AppError, AppState};
+use crate::config::{HmacAlgorithm, Provider, Secret, WebhookConfig};
+
+/// One ref a push moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefUpdate {
+    /// Full ref name, `refs/heads/main`.
+    pub git_ref: String,
+    /// New commit, when the payload says (hint only).
+    pub after: Option<String>,
+    pub deleted: bool,
+}
 
 /// What a verified webhook asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intake {
-    /// The forge's test event (GitHub `ping`, ...).
+    /// The forge's test event (GitHub `ping`, Bitbucket `diagnostics:ping`).
     Ping,
-    /// A push; `git_ref` is the full ref name. `deleted` is a branch deletion.
-    Push {
-        git_ref: String,
-        after: String,
-        deleted: bool,
-    },
+    /// A push of one or more refs; `None` when the payload does not say which (generic receiver).
+    Push(Option<Vec<RefUpdate>>),
     /// A verified event we do not act on, with the reason.
     Ignored(String),
 }
@@ -44,59 +57,171 @@ pub enum WebhookError {
     MissingSignature(String),
     #[error("signature does not match")]
     BadSignature,
+    #[error("signature timestamp is outside the allowed window (replay?)")]
+    Stale,
     #[error("no webhook secret is configured for this repo")]
     NoSecret,
     #[error("malformed payload: {0}")]
     Malformed(String),
 }
 
-/// Which forge sent the request, judged by its event header.
-fn provider(headers: &HeaderMap) -> Option<&'static str> {
-    if headers.contains_key("x-github-event") {
-        Some("github")
-    } else if headers.contains_key("x-gitlab-event") {
-        Some("gitlab")
-    } else {
-        None
-    }
-}
+const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
 
 pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Verifies and parses one webhook for a repo whose secret is `secret`.
+/// Which forge sent the request, judged by its event header. Gitea, Forgejo and Gogs also send
+/// GitHub-style headers, so they are recognized first.
+pub fn detect(headers: &HeaderMap) -> Option<Provider> {
+    let has = |h: &str| headers.contains_key(h);
+    if has("x-forgejo-event") {
+        Some(Provider::Forgejo)
+    } else if has("x-gitea-event") {
+        Some(Provider::Gitea)
+    } else if has("x-gogs-event") {
+        Some(Provider::Gogs)
+    } else if has("x-github-event") {
+        Some(Provider::Github)
+    } else if has("x-gitlab-event") {
+        Some(Provider::Gitlab)
+    } else {
+        header(headers, "x-event-key").map(|key| {
+            if key == "repo:push" {
+                Provider::BitbucketCloud
+            } else {
+                Provider::BitbucketServer
+            }
+        })
+    }
+}
+
+/// Whether `expected` is the HMAC of `parts` (concatenated) under any of `secrets`; each check
+/// is constant-time.
+pub(crate) fn hmac_matches(
+    algorithm: HmacAlgorithm,
+    secrets: &[Secret],
+    parts: &[&[u8]],
+    expected: &[u8],
+) -> bool {
+    secrets
+        .iter()
+        .any(|secret| hmac_key_matches(algorithm, secret.expose(), parts, expected))
+}
+
+pub(crate) fn hmac_key_matches(
+    algorithm: HmacAlgorithm,
+    key: &[u8],
+    parts: &[&[u8]],
+    expected: &[u8],
+) -> bool {
+    fn check<M: Mac + hmac::digest::KeyInit>(key: &[u8], parts: &[&[u8]], expected: &[u8]) -> bool {
+        match <M as hmac::digest::KeyInit>::new_from_slice(key) {
+            Ok(mut mac) => {
+                for p in parts {
+                    mac.update(p);
+                }
+                mac.verify_slice(expected).is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+    match algorithm {
+        HmacAlgorithm::Sha256 => check::<Hmac<sha2::Sha256>>(key, parts, expected),
+        HmacAlgorithm::Sha512 => check::<Hmac<sha2::Sha512>>(key, parts, expected),
+    }
+}
+
+/// Checks a hex signature (after an optional prefix) in `name` against the body.
+pub(crate) fn verify_hex_header(
+    headers: &HeaderMap,
+    name: &str,
+    prefix: &str,
+    algorithm: HmacAlgorithm,
+    secrets: &[Secret],
+    body: &[u8],
+) -> Result<(), WebhookError> {
+    let given = header(headers, name)
+        .ok_or_else(|| WebhookError::MissingSignature(format!("{name} header is missing")))?;
+    let hex_sig = given
+        .trim()
+        .strip_prefix(prefix)
+        .ok_or(WebhookError::BadSignature)?;
+    let sig = hex::decode(hex_sig).map_err(|_| WebhookError::BadSignature)?;
+    if hmac_matches(algorithm, secrets, &[body], &sig) {
+        Ok(())
+    } else {
+        Err(WebhookError::BadSignature)
+    }
+}
+
+/// Verifies and parses one webhook. `now` (unix seconds) bounds signed timestamps.
 pub fn receive(
     headers: &HeaderMap,
     body: &[u8],
-    secret: Option<&crate::config::Secret>,
+    config: &WebhookConfig,
+    secrets: &[Secret],
+    now: i64,
 ) -> Result<Delivery, WebhookError> {
-    let provider = provider(headers).ok_or_else(|| {
-        WebhookError::MissingSignature(
-            "no X-GitHub-Event or X-Gitlab-Event header: not a webhook from a known forge".into(),
-        )
-    })?;
-    let secret = secret.ok_or(WebhookError::NoSecret)?;
-    match provider {
-        "github" => {
-            github::verify(headers, body, secret)?;
-            Ok(Delivery {
-                provider,
-                id: header(headers, "x-github-delivery").map(str::to_owned),
-                intake: github::parse(headers, body)?,
-            })
-        }
-        _ => {
-            gitlab::verify(headers, secret)?;
-            Ok(Delivery {
-                provider,
-                id: header(headers, "idempotency-key")
-                    .or_else(|| header(headers, "x-gitlab-event-uuid"))
-                    .map(str::to_owned),
-                intake: gitlab::parse(headers, body)?,
-            })
-        }
+    let provider = match config.provider {
+        Provider::Auto => detect(headers).ok_or_else(|| {
+            WebhookError::MissingSignature("no forge event header (X-GitHub-Event, X-Gitlab-Event, X-Gitea-Event, X-Event-Key, ...): not a webhook from a known forge".into())
+        })?,
+        fixed => fixed,
+    };
+    if secrets.is_empty() {
+        return Err(WebhookError::NoSecret);
     }
+    let (name, id, intake) = match provider {
+        Provider::Github | Provider::Auto => {
+            github::verify(headers, body, secrets, config.github_legacy_sha1)?;
+            (
+                "github",
+                header(headers, "x-github-delivery"),
+                github::parse(headers, body)?,
+            )
+        }
+        Provider::Gitlab => {
+            gitlab::verify(
+                headers,
+                body,
+                secrets,
+                now,
+                config.timestamp_tolerance_secs.unwrap_or(300),
+            )?;
+            let id = header(headers, "idempotency-key")
+                .or_else(|| header(headers, "x-gitlab-event-uuid"))
+                .or_else(|| header(headers, "webhook-id"));
+            ("gitlab", id, gitlab::parse(headers, body)?)
+        }
+        Provider::Gitea | Provider::Forgejo | Provider::Gogs => {
+            let flavor = gitea::Flavor::of(provider);
+            gitea::verify(flavor, headers, body, secrets)?;
+            (
+                flavor.name(),
+                header(headers, flavor.delivery_header()),
+                gitea::parse(flavor, headers, body)?,
+            )
+        }
+        Provider::BitbucketCloud | Provider::BitbucketServer => {
+            bitbucket::verify(headers, body, secrets)?;
+            let id = header(headers, "x-request-uuid").or_else(|| header(headers, "x-request-id"));
+            ("bitbucket", id, bitbucket::parse(headers, body)?)
+        }
+        Provider::Generic => {
+            let g = config.generic.as_ref().ok_or_else(|| {
+                WebhookError::Malformed("generic receiver is not configured".into())
+            })?;
+            generic::verify(g, headers, body, secrets)?;
+            let id = header(headers, "x-request-id").or_else(|| header(headers, "idempotency-key"));
+            ("generic", id, generic::parse(g, body)?)
+        }
+    };
+    Ok(Delivery {
+        provider: name,
+        id: id.map(str::to_owned),
+        intake,
+    })
 }
 
 /// Past the limit the rest of an oversized body is still read (and dropped), up to this much, so
@@ -137,96 +262,189 @@ pub async fn handle(
             "no repo named `{repo}` is configured"
         )));
     };
-    let limit = app.config.server.max_body_bytes;
-    let body = read_body(body, limit).await?;
-    let delivery =
-        receive(&headers, &body, repo_config.webhook_secret.as_ref()).map_err(|e| match e {
-            WebhookError::Malformed(m) => {
-                AppError::BadRequest(format!("malformed payload (signature was valid): {m}"))
-            }
-            other => {
-                tracing::warn!(repo = %repo, error = %other, "webhook refused");
-                AppError::Unauthorized(other.to_string())
-            }
-        })?;
+    let body = read_body(body, app.config.server.max_body_bytes).await?;
+    let now = crate::store::now_ms() / 1000;
+    let delivery = receive(
+        &headers,
+        &body,
+        &repo_config.webhook,
+        &repo_config.webhook_secrets,
+        now,
+    )
+    .map_err(|e| match e {
+        WebhookError::Malformed(m) => {
+            AppError::BadRequest(format!("malformed payload (signature was valid): {m}"))
+        }
+        other => {
+            tracing::warn!(repo = %repo, error = %other, "webhook refused");
+            AppError::Unauthorized(other.to_string())
+        }
+    })?;
     let span = tracing::info_span!("webhook", repo = %repo, provider = delivery.provider, delivery = delivery.id.as_deref().unwrap_or("-"));
     let _enter = span.enter();
-    let expected = format!("refs/heads/{}", repo_config.branch);
-    let (status, body) = match delivery.intake {
+    let reply =
+        |status: StatusCode, body: serde_json::Value| Ok((status, Json(body)).into_response());
+    if let Some(id) = &delivery.id {
+        if !app
+            .store
+            .remember_delivery(&repo, delivery.provider, id)
+            .await?
+        {
+            tracing::info!("redelivery of a webhook already received; nothing to do");
+            return reply(
+                StatusCode::OK,
+                json!({"status": "duplicate", "delivery": id}),
+            );
+        }
+    }
+    let branch = &repo_config.branch;
+    let expected = format!("refs/heads/{branch}");
+    let ignored = |reason: String| {
+        tracing::info!(%reason, "webhook ignored");
+        reply(
+            StatusCode::ACCEPTED,
+            json!({"status": "ignored", "reason": reason, "delivery": delivery.id}),
+        )
+    };
+    match delivery.intake {
         Intake::Ping => {
             tracing::info!("ping received");
-            (
+            reply(
                 StatusCode::OK,
                 json!({"status": "pong", "delivery": delivery.id}),
             )
         }
-        Intake::Ignored(reason) => {
-            tracing::info!(%reason, "webhook ignored");
-            (
-                StatusCode::ACCEPTED,
-                json!({"status": "ignored", "reason": reason, "delivery": delivery.id}),
-            )
+        Intake::Ignored(reason) => ignored(reason),
+        Intake::Push(refs) => {
+            let ours = refs
+                .as_ref()
+                .map(|r| r.iter().find(|u| u.git_ref == expected));
+            match ours {
+                Some(None) => {
+                    let refs: Vec<&str> =
+                        refs.iter().flatten().map(|u| u.git_ref.as_str()).collect();
+                    let what = if refs.iter().all(|r| r.starts_with("refs/tags/")) {
+                        "tag push"
+                    } else {
+                        "push to"
+                    };
+                    ignored(format!(
+                        "{what} `{}`: only branch `{branch}` is synced",
+                        refs.join("`, `")
+                    ))
+                }
+                Some(Some(u)) if u.deleted => ignored(format!(
+                    "branch `{branch}` was deleted; topics keep their last version"
+                )),
+                _ => {
+                    app.syncers.trigger(&repo);
+                    tracing::info!("push accepted, sync queued");
+                    reply(
+                        StatusCode::ACCEPTED,
+                        json!({"status": "queued", "delivery": delivery.id}),
+                    )
+                }
+            }
         }
-        Intake::Push { git_ref, .. } if git_ref != expected => {
-            let reason = if git_ref.starts_with("refs/tags/") {
-                format!(
-                    "tag push `{git_ref}`: only branch `{}` is synced",
-                    repo_config.branch
-                )
-            } else {
-                format!(
-                    "push to `{git_ref}`: only branch `{}` is synced",
-                    repo_config.branch
-                )
-            };
-            tracing::info!(%reason, "webhook ignored");
-            (
-                StatusCode::ACCEPTED,
-                json!({"status": "ignored", "reason": reason, "delivery": delivery.id}),
-            )
-        }
-        Intake::Push { deleted: true, .. } => {
-            let reason = format!(
-                "branch `{}` was deleted; topics keep their last version",
-                repo_config.branch
-            );
-            tracing::warn!(%reason, "webhook ignored");
-            (
-                StatusCode::ACCEPTED,
-                json!({"status": "ignored", "reason": reason, "delivery": delivery.id}),
-            )
-        }
-        Intake::Push { after, .. } => {
-            app.syncers.trigger(&repo);
-            tracing::info!(after = %after, "push accepted, sync queued");
-            (
-                StatusCode::ACCEPTED,
-                json!({"status": "queued", "delivery": delivery.id}),
-            )
-        }
-    };
-    Ok((status, Json(body)).into_response())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("valid header value"));
+        }
+        h
+    }
 
     #[test]
     fn a_request_without_forge_headers_is_unauthorized() {
-        let err =
-            receive(&HeaderMap::new(), b"{}", Some(&Secret::new("s"))).expect_err("no headers");
+        let err = receive(
+            &HeaderMap::new(),
+            b"{}",
+            &WebhookConfig::default(),
+            &[Secret::new("s")],
+            0,
+        )
+        .expect_err("no headers");
         assert!(matches!(err, WebhookError::MissingSignature(_)));
     }
 
     #[test]
     fn a_repo_without_secret_refuses_everything() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-github-event", "push".parse().expect("static header"));
+        let h = headers(&[("x-github-event", "push")]);
         assert_eq!(
-            receive(&headers, b"{}", None).expect_err("no secret"),
+            receive(&h, b"{}", &WebhookConfig::default(), &[], 0).expect_err("no secret"),
             WebhookError::NoSecret
         );
+    }
+
+    #[test]
+    fn gitea_family_is_detected_before_github() {
+        assert_eq!(
+            detect(&headers(&[
+                ("x-gitea-event", "push"),
+                ("x-github-event", "push")
+            ])),
+            Some(Provider::Gitea)
+        );
+        assert_eq!(
+            detect(&headers(&[
+                ("x-forgejo-event", "push"),
+                ("x-gitea-event", "push")
+            ])),
+            Some(Provider::Forgejo)
+        );
+        assert_eq!(
+            detect(&headers(&[("x-event-key", "repo:push")])),
+            Some(Provider::BitbucketCloud)
+        );
+        assert_eq!(
+            detect(&headers(&[("x-event-key", "repo:refs_changed")])),
+            Some(Provider::BitbucketServer)
+        );
+    }
+
+    #[test]
+    fn rotation_accepts_every_configured_secret() {
+        let body = br#"{"ref":"refs/heads/main","after":"abc"}"#;
+        let secrets = [Secret::new("new"), Secret::new("old")];
+        for key in ["new", "old"] {
+            let h = headers(&[
+                ("x-github-event", "push"),
+                ("x-hub-signature-256", &github::sign(key.as_bytes(), body)),
+            ]);
+            assert!(
+                receive(&h, body, &WebhookConfig::default(), &secrets, 0).is_ok(),
+                "{key}"
+            );
+        }
+        let h = headers(&[
+            ("x-github-event", "push"),
+            ("x-hub-signature-256", &github::sign(b"retired", body)),
+        ]);
+        assert_eq!(
+            receive(&h, body, &WebhookConfig::default(), &secrets, 0).expect_err("retired"),
+            WebhookError::BadSignature
+        );
+    }
+
+    #[test]
+    fn a_fixed_provider_ignores_what_the_request_claims() {
+        // Configured for GitLab: a GitHub-signed request is not accepted.
+        let body = b"{}";
+        let cfg = WebhookConfig {
+            provider: Provider::Gitlab,
+            ..Default::default()
+        };
+        let h = headers(&[
+            ("x-github-event", "push"),
+            ("x-hub-signature-256", &github::sign(b"s", body)),
+        ]);
+        assert!(receive(&h, body, &cfg, &[Secret::new("s")], 0).is_err());
     }
 }

@@ -155,13 +155,14 @@ impl TestServer {
         result.expect("topic reached the expected state in time")
     }
 
-    /// Sends a GitHub push webhook for `branch`, signed with `secret`.
+    /// Sends a GitHub push webhook for `branch`, signed with `secret`, with a fresh delivery id.
     pub async fn github_push(&self, branch: &str, after: &str, secret: &str) -> (u16, Value) {
         let body = serde_json::json!({"ref": format!("refs/heads/{branch}"), "before": "0".repeat(40), "after": after}).to_string();
+        let delivery = delivery_id();
         self.webhook(
             &[
                 ("x-github-event", "push"),
-                ("x-github-delivery", "d-1"),
+                ("x-github-delivery", &delivery),
                 ("content-type", "application/json"),
             ],
             body.into_bytes(),
@@ -196,6 +197,16 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// A delivery id never used before in this test process.
+pub fn delivery_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    format!(
+        "d-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 pub fn sign_github(secret: &str, body: &[u8]) -> String {
@@ -392,6 +403,7 @@ impl ServerProcess {
         self.http
             .post(self.url("/webhooks/cfg"))
             .header("x-github-event", "push")
+            .header("x-github-delivery", delivery_id())
             .header("x-hub-signature-256", sign_github(SECRET, body.as_bytes()))
             .body(body)
             .send()

@@ -1,0 +1,329 @@
+//! Awkward histories: the git state decides, whatever the webhooks said.
+
+mod util;
+
+use std::time::Duration;
+
+use confcast::protocol::FileStatus;
+use util::{config_repo, Instance, TestServer, SECRET};
+
+async fn sync(server: &TestServer) {
+    let before = server.get("/api/v1/repos").await.1["repos"][0]["syncs"]
+        .as_u64()
+        .unwrap_or(0);
+    let reply = server
+        .http
+        .post(server.url("/api/v1/repos/cfg/sync"))
+        .send()
+        .await
+        .expect("POST sync");
+    assert_eq!(reply.status().as_u16(), 202);
+    server.wait_syncs(before + 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_push_diffs_from_the_last_published_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    let base = server.wait_syncs(1).await["head"]
+        .as_str()
+        .expect("head")
+        .to_string();
+    let (mut i, _) = Instance::subscribed(&server, "f", &["payments"]).await;
+    let b = repo
+        .commit(
+            "main",
+            &[
+                ("payments/app.toml", Some(b"port = 2\n".as_slice())),
+                ("payments/extra.toml", Some(b"x = 1\n".as_slice())),
+            ],
+            "B",
+        )
+        .expect("B");
+    server.github_push("main", &b.to_string(), SECRET).await;
+    assert_eq!(i.next_change().await.version, 2);
+
+    // Rewrite history: main goes back to the base and gets a different commit C.
+    repo.reset("main", git2::Oid::from_str(&base).expect("oid"))
+        .expect("reset");
+    let c = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 3\n".as_slice()))],
+            "C",
+        )
+        .expect("C");
+    // The payload's `before` lies (it names the base); it is ignored.
+    server.github_push("main", &c.to_string(), SECRET).await;
+    let change = i.next_change().await;
+    assert_eq!((change.version, change.previous_version), (3, 2));
+    let mut files: Vec<(String, FileStatus)> = change
+        .files
+        .iter()
+        .map(|f| (f.path.clone(), f.status))
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        files,
+        [
+            ("payments/app.toml".to_string(), FileStatus::Modified),
+            ("payments/extra.toml".to_string(), FileStatus::Deleted)
+        ],
+        "B's extra file is gone in C"
+    );
+    let topic = server.wait_topic("payments", |v| v["version"] == 3).await;
+    let paths: Vec<&str> = topic["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert_eq!(paths, ["payments/app.toml", "payments/limits.json"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_then_recreated_branch_keeps_topics_and_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    let head = server.wait_syncs(1).await["head"]
+        .as_str()
+        .expect("head")
+        .to_string();
+    let (mut i, _) = Instance::subscribed(&server, "d", &["payments", "billing"]).await;
+
+    repo.delete_branch("main").expect("delete");
+    sync(&server).await;
+    let (_, repos) = server.get("/api/v1/repos").await;
+    let error = repos["repos"][0]["last_error"]
+        .as_str()
+        .expect("error recorded");
+    assert!(error.contains("branch `main` does not exist"), "{error}");
+    assert_eq!(repos["repos"][0]["head"], head, "nothing published");
+    assert!(i.maybe_next(Duration::from_millis(200)).await.is_none());
+
+    // Re-created from scratch (no common history), with one file changed and one gone.
+    repo.branch("main", git2::Oid::from_str(&head).expect("oid"))
+        .expect("recreate");
+    let c = repo
+        .commit(
+            "main",
+            &[
+                ("billing/plans.yaml", Some(b"plans: [new]\n".as_slice())),
+                ("payments/limits.json", None),
+            ],
+            "recreated",
+        )
+        .expect("commit");
+    server.github_push("main", &c.to_string(), SECRET).await;
+    let (a, b) = (i.next_change().await, i.next_change().await);
+    assert_eq!(
+        (a.topic.as_str(), a.files[0].status),
+        ("billing", FileStatus::Modified)
+    );
+    assert_eq!(
+        (b.topic.as_str(), b.files[0].status),
+        ("payments", FileStatus::Deleted)
+    );
+    assert!(server.get("/api/v1/repos").await.1["repos"][0]["last_error"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_commit_brings_the_merged_branch_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    let head = server.wait_syncs(1).await["head"]
+        .as_str()
+        .expect("head")
+        .to_string();
+    let (mut i, _) = Instance::subscribed(&server, "m", &["*"]).await;
+    repo.branch("feature", git2::Oid::from_str(&head).expect("oid"))
+        .expect("branch");
+    repo.commit(
+        "feature",
+        &[("web/flags.json", Some(b"{\"beta\": true}".as_slice()))],
+        "feature work",
+    )
+    .expect("feature");
+    let main_side = repo
+        .commit(
+            "main",
+            &[("billing/plans.yaml", Some(b"plans: [b]\n".as_slice()))],
+            "main work",
+        )
+        .expect("main");
+    server
+        .github_push("main", &main_side.to_string(), SECRET)
+        .await;
+    assert_eq!(i.next_change().await.topic, "billing");
+    let merge = repo
+        .merge(
+            "main",
+            "feature",
+            &[("web/flags.json", Some(b"{\"beta\": true}".as_slice()))],
+            "Merge feature",
+        )
+        .expect("merge");
+    server.github_push("main", &merge.to_string(), SECRET).await;
+    let c = i.next_change().await;
+    assert_eq!(
+        (c.topic.as_str(), c.version, c.files[0].status),
+        ("web", 1, FileStatus::Added)
+    );
+    assert_eq!(c.message, "Merge feature");
+    assert!(
+        i.maybe_next(Duration::from_millis(200)).await.is_none(),
+        "billing is unchanged by the merge"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_commit_publishes_nothing_and_the_next_one_works() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "e", &["*"]).await;
+    let empty = repo.empty_commit("main", "nothing").expect("empty");
+    server.github_push("main", &empty.to_string(), SECRET).await;
+    let synced = server.wait_syncs(2).await;
+    assert_eq!(synced["head"], empty.to_string(), "the head moves");
+    assert!(
+        i.maybe_next(Duration::from_millis(200)).await.is_none(),
+        "no change is sent"
+    );
+    let next = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 5\n".as_slice()))],
+            "real",
+        )
+        .expect("commit");
+    server.github_push("main", &next.to_string(), SECRET).await;
+    assert_eq!(i.next_change().await.version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_of_ten_thousand_files_arrives_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "bulk", &["bulk"]).await;
+    let contents: Vec<(String, Vec<u8>)> = (0..10_000)
+        .map(|n| {
+            (
+                format!("bulk/dir{}/file{n}.json", n % 100),
+                format!("{{\"n\": {n}}}").into_bytes(),
+            )
+        })
+        .collect();
+    let changes: Vec<(&str, Option<&[u8]>)> = contents
+        .iter()
+        .map(|(p, c)| (p.as_str(), Some(c.as_slice())))
+        .collect();
+    let c = repo
+        .commit("main", &changes, "ten thousand files")
+        .expect("commit");
+    server.github_push("main", &c.to_string(), SECRET).await;
+    let change = i.next_change().await;
+    assert_eq!((change.topic.as_str(), change.version), ("bulk", 1));
+    assert_eq!(change.files.len(), 10_000);
+    assert!(change.files.iter().all(|f| f.status == FileStatus::Added));
+    let f = change
+        .files
+        .iter()
+        .find(|f| f.path == "bulk/dir7/file9907.json")
+        .expect("a file in the middle");
+    assert_eq!(f.content.as_deref(), Some("{\"n\": 9907}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_file_holds_its_topic_back_until_fixed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "v", &["payments", "billing"]).await;
+
+    // One commit: a broken TOML in payments (plus a valid JSON change there), a valid billing change.
+    let bad = repo
+        .commit(
+            "main",
+            &[
+                (
+                    "payments/app.toml",
+                    Some(b"port = 9000\ntimeout = = 3\n".as_slice()),
+                ),
+                (
+                    "payments/limits.json",
+                    Some(br#"{"daily": 200}"#.as_slice()),
+                ),
+                ("billing/plans.yaml", Some(b"plans: [x]\n".as_slice())),
+            ],
+            "half broken",
+        )
+        .expect("commit");
+    server.github_push("main", &bad.to_string(), SECRET).await;
+    let c = i.next_change().await;
+    assert_eq!(c.topic, "billing", "the valid topic is published");
+    assert!(
+        i.maybe_next(Duration::from_millis(300)).await.is_none(),
+        "payments is held back"
+    );
+    let topic = server
+        .wait_topic("payments", |v| !v["rejected"].is_null())
+        .await;
+    assert_eq!(
+        topic["version"], 1,
+        "instances stay on the last good version"
+    );
+    let r = &topic["rejected"];
+    assert_eq!(r["path"], "payments/app.toml");
+    assert_eq!(r["line"], 2);
+    assert_eq!(r["commit"], bad.to_string());
+    assert!(r["author"].as_str().expect("author").contains("Ada Config"));
+    assert!(!r["message"].as_str().expect("parser message").is_empty());
+    let (_, repos) = server.get("/api/v1/repos").await;
+    assert_eq!(repos["repos"][0]["rejections"][0]["topic"], "payments");
+
+    // An unrelated commit keeps it held back; the fix publishes everything since the last good state.
+    let other = repo
+        .commit(
+            "main",
+            &[("billing/plans.yaml", Some(b"plans: [y]\n".as_slice()))],
+            "billing again",
+        )
+        .expect("commit");
+    server.github_push("main", &other.to_string(), SECRET).await;
+    assert_eq!(i.next_change().await.topic, "billing");
+    let fix = repo
+        .commit(
+            "main",
+            &[(
+                "payments/app.toml",
+                Some(b"port = 9000\ntimeout = 3\n".as_slice()),
+            )],
+            "fix",
+        )
+        .expect("fix");
+    server.github_push("main", &fix.to_string(), SECRET).await;
+    let c = i.next_change().await;
+    assert_eq!(
+        (c.topic.as_str(), c.version, c.previous_version),
+        ("payments", 2, 1)
+    );
+    let mut paths: Vec<&str> = c.files.iter().map(|f| f.path.as_str()).collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        ["payments/app.toml", "payments/limits.json"],
+        "the JSON change from the broken commit is not lost"
+    );
+    let topic = server
+        .wait_topic("payments", |v| v["rejected"].is_null())
+        .await;
+    assert_eq!(topic["version"], 2);
+}
