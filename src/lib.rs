@@ -87,6 +87,10 @@ mod server {
         let tracker = TaskTracker::new();
         let hub = Hub::new(config.server.connection_queue);
         tracker.spawn(hub.clone().feed(store.clone(), token.clone()));
+        {
+            let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
+            tracker.spawn(async move { store.watch(wake, token).await });
+        }
         let syncers = Syncers::start(
             &config.repos,
             &config.retention,
@@ -101,6 +105,8 @@ mod server {
             "{}:{port}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "confcast".into())
         );
+        // Connections recorded by a previous run of this replica died with it.
+        store.reset_node(&node).await?;
         tracing::info!(addr = ?listener.local_addr().ok(), %node, repos = config.repos.len(), "confcast serving");
         let app = Arc::new(App {
             config,

@@ -28,7 +28,7 @@ pub struct Frame {
 
 pub struct Hub {
     ring: broadcast::Sender<Arc<Frame>>,
-    wake: Notify,
+    wake: Arc<Notify>,
     /// instance id -> (connection id, signal to close it when replaced)
     live: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
     next_connection: std::sync::atomic::AtomicU64,
@@ -39,7 +39,7 @@ impl Hub {
         let (ring, _) = broadcast::channel(queue.max(1));
         Arc::new(Hub {
             ring,
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             live: Mutex::new(HashMap::new()),
             next_connection: std::sync::atomic::AtomicU64::new(1),
         })
@@ -48,6 +48,11 @@ impl Hub {
     /// Tells the feeder the log has grown.
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// What wakes the feeder, for a store that learns of other replicas' writes.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     /// A receiver of every frame sent from now on.

@@ -246,6 +246,37 @@ pub trait Store: Send + Sync + 'static {
     /// Applies retention: keeps at most `max_events` most recent events (0 = any number) and none
     /// older than `max_age_ms` (0 = any age). Returns how many were removed. Topic state stays.
     async fn trim(&self, max_events: u64, max_age_ms: i64) -> Result<u64, StoreError>;
+
+    /// Waits until this replica may sync `repo`: at most one replica (and one task) syncs a repo
+    /// at a time. The returned guard holds the right until dropped; a replica that dies loses it.
+    async fn lock_repo(&self, repo: &str) -> Result<RepoLock, StoreError>;
+
+    /// Marks every instance connected through replica `node` as disconnected (after a restart:
+    /// whatever the previous process had is gone).
+    async fn reset_node(&self, node: &str) -> Result<(), StoreError>;
+
+    /// Calls `wake` whenever another replica may have appended to the log, until `shutdown`.
+    /// A store with a single writer (SQLite) has nothing to watch and returns at once.
+    async fn watch(
+        &self,
+        wake: Arc<tokio::sync::Notify>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let _ = (wake, shutdown);
+    }
+}
+
+/// Held while a repo is being synced; dropping it releases the repo.
+pub struct RepoLock {
+    _guard: Box<dyn std::any::Any + Send>,
+}
+
+impl RepoLock {
+    pub fn new(guard: impl std::any::Any + Send) -> RepoLock {
+        RepoLock {
+            _guard: Box::new(guard),
+        }
+    }
 }
 
 /// Opens the store named by `url`, creating and migrating it when needed.

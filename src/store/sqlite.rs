@@ -13,6 +13,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
+use super::RepoLock;
 use super::{
     now_ms, AckRecord, AckRejection, HistoryEntry, HistoryFile, InstanceRecord, LoggedEvent,
     Rejection, RepoRecord, Store, StoreError, SyncOutcome, TopicSummary,
@@ -61,6 +62,9 @@ const DELIVERIES_KEPT: i64 = 10_000;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One process writes a SQLite file: per-repo locks are in-process mutexes.
+    repo_locks:
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -122,7 +126,10 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        let store = SqliteStore { pool };
+        let store = SqliteStore {
+            pool,
+            repo_locks: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -600,6 +607,22 @@ impl Store for SqliteStore {
                 .await?;
         }
         Ok(inserted == 1)
+    }
+
+    async fn lock_repo(&self, repo: &str) -> Result<RepoLock, StoreError> {
+        let lock = match self.repo_locks.lock() {
+            Ok(mut map) => map.entry(repo.to_string()).or_default().clone(),
+            Err(_) => return Err(StoreError::Corrupt("repo lock table poisoned".into())),
+        };
+        Ok(RepoLock::new(lock.lock_owned().await))
+    }
+
+    async fn reset_node(&self, _node: &str) -> Result<(), StoreError> {
+        // One process owns a SQLite file: every connection it recorded belonged to it.
+        sqlx::query("UPDATE instances SET connected = 0 WHERE connected = 1")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn rejections(&self, repo: &str) -> Result<Vec<Rejection>, StoreError> {

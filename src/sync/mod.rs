@@ -213,6 +213,12 @@ impl Job {
     }
 
     async fn sync_once(&self) -> Result<(), String> {
+        // One syncer per repo across replicas: wait for the repo's lock, then read the head.
+        let _lock = self
+            .store
+            .lock_repo(&self.repo.name)
+            .await
+            .map_err(|e| e.to_string())?;
         let last = self
             .store
             .repo_head(&self.repo.name)
