@@ -376,8 +376,10 @@ async fn bad_webhooks_get_clear_errors_and_trigger_nothing() {
             .0,
         400
     );
-    // A huge header is refused by the HTTP layer before any handler runs.
-    let huge_header = "x".repeat(1024 * 1024);
+    // A huge header still gets a clear 4xx (here 401: it carries no signature).
+    // (Past hyper's ~400 KiB header buffer it answers 431 and closes; a client still writing may
+    // then see a reset instead, so the test stays below that.)
+    let huge_header = "x".repeat(256 * 1024);
     let status = server
         .http
         .post(server.url("/webhooks/cfg"))
