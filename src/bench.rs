@@ -137,6 +137,11 @@ pub async fn replay(events: u64, bytes: usize) -> Result<(), BenchError> {
 /// Connects `instances` instances, then pushes `changes` commits one at a time (each waits until
 /// every instance has it) and reports webhook-to-last-delivery latency.
 pub async fn fanout(instances: usize, changes: usize) -> Result<(), BenchError> {
+    if instances == 0 || changes == 0 {
+        return Err(BenchError::Stalled(
+            "give at least one instance and one change".into(),
+        ));
+    }
     let dir = tempfile::tempdir()?;
     let repo = crate::demo::ConfigRepo::init(&dir.path().join("origin.git"))?;
     repo.commit(

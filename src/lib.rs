@@ -4,7 +4,9 @@
 //! - [`webhook`]: verify a forge's signed push, then wake the repo's syncer (never waits for git).
 //! - [`sync`]: one worker per repo fetches with git2, diffs the last published commit against the
 //!   new head and maps changed files to topics ([`sync::rules`]).
-//! - [`store`]: the event log with a gap-free sequence, topic state, instances and acks (SQLite).
+//! - [`store`]: the event log with a gap-free sequence, topic state, instances and acks (SQLite
+//!   embedded, PostgreSQL for several replicas: LISTEN/NOTIFY wakes the others, an advisory lock
+//!   keeps one syncer per repo).
 //! - [`hub`]: reads the log in order and fans each change out as one shared frame; runs each
 //!   instance's WebSocket ([`hub::connection`]).
 //! - [`api`]: the router: webhooks, `/ws`, the JSON query API, health probes.

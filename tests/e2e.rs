@@ -518,7 +518,7 @@ async fn restart_keeps_the_log_topics_and_acks() {
         }
         other => panic!("expected subscribed, got {other:?}"),
     }
-    // A new commit made while the server was down is picked up by the startup sync.
+    // The reconnected instance shows as connected again.
     assert_eq!(
         server.get("/api/v1/instances/keeper").await.1["connected"],
         true
@@ -692,4 +692,62 @@ async fn the_api_answers_json_errors_and_probes() {
         .expect("POST");
     assert_eq!(reply.status().as_u16(), 202);
     server.wait_syncs(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subscriber_receives_the_same_bytes_for_a_change() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let mut raws = Vec::new();
+    for n in 0..3 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url())
+            .await
+            .expect("connect");
+        ws.send(Message::text(format!(
+            r#"{{"type":"hello","instance":"raw-{n}"}}"#
+        )))
+        .await
+        .expect("hello");
+        ws.send(Message::text(
+            r#"{"type":"subscribe","topics":["payments"]}"#,
+        ))
+        .await
+        .expect("subscribe");
+        // welcome, snapshot, subscribed
+        let mut seen = 0;
+        while seen < 3 {
+            if let Some(Ok(Message::Text(_))) = ws.next().await {
+                seen += 1;
+            }
+        }
+        raws.push(ws);
+    }
+    let c = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 77\n".as_slice()))],
+            "same bytes",
+        )
+        .expect("commit");
+    server.github_push("main", &c.to_string(), SECRET).await;
+    let mut frames = Vec::new();
+    for ws in &mut raws {
+        loop {
+            let m = tokio::time::timeout(util::WAIT, ws.next())
+                .await
+                .expect("frame")
+                .expect("open")
+                .expect("ok");
+            if let Message::Text(t) = m {
+                frames.push(t.to_string());
+                break;
+            }
+        }
+    }
+    assert!(frames[0].contains("\"type\":\"change\""), "{}", frames[0]);
+    assert!(frames.iter().all(|f| *f == frames[0]), "identical frames");
 }

@@ -111,7 +111,7 @@ async fn server_killed_mid_stream_every_instance_still_gets_every_version_in_ord
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_offline_instance_gets_exactly_what_it_missed_or_a_snapshot_when_trimmed() {
+async fn an_offline_instance_gets_exactly_the_three_versions_it_missed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
     let server = TestServer::start_with(dir.path(), &repo, "", "").await;
@@ -406,4 +406,104 @@ async fn a_client_with_several_urls_skips_the_dead_one() {
     let mut client = Client::start(opts).expect("client");
     let u = next_update(&mut client).await;
     assert_eq!(u.topic, "payments");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_instance_connecting_twice_replaces_the_older_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let identity = confcast::client::Identity {
+        instance: "twin".into(),
+        ..Default::default()
+    };
+    let mut first = confcast::client::Session::connect(&server.ws_url(), &identity)
+        .await
+        .expect("first");
+    let _second = confcast::client::Session::connect(&server.ws_url(), &identity)
+        .await
+        .expect("second");
+    match tokio::time::timeout(WAIT, first.next())
+        .await
+        .expect("close in time")
+    {
+        Err(confcast::client::ClientError::Closed { code, .. }) => {
+            assert_eq!(code, confcast::protocol::close::REPLACED)
+        }
+        other => panic!("expected the replaced close code, got {other:?}"),
+    }
+    let (_, inst) = server.get("/api/v1/instances/twin").await;
+    assert_eq!(inst["connected"], true, "the newer connection counts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_closed_with_the_keepalive_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    // heartbeat 1 s, keepalive 2 s; the raw client below never reads, so it never answers a ping.
+    let server = TestServer::start_toml(
+        dir.path().join("data"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 2\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
+            dir.path().join("data").display(),
+            repo.url()
+        ),
+    )
+    .await;
+    use futures_util::SinkExt;
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut silent, _) = tokio_tungstenite::connect_async(server.ws_url())
+        .await
+        .expect("connect");
+    silent
+        .send(Message::text(r#"{"type":"hello","instance":"silent"}"#))
+        .await
+        .expect("hello");
+    // Read the raw TCP stream from here on: tungstenite would answer the pings, and a peer that
+    // answers is not silent.
+    let tcp = match silent.get_mut() {
+        tokio_tungstenite::MaybeTlsStream::Plain(s) => s,
+        _ => panic!("plain TCP expected"),
+    };
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut code = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while code.is_none() {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .expect("a close within the wait")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+        // Walk the unmasked server frames received so far.
+        let mut at = 0;
+        while at + 2 <= bytes.len() {
+            let opcode = bytes[at] & 0x0f;
+            let (len, header) = match bytes[at + 1] & 0x7f {
+                126 if at + 4 <= bytes.len() => (
+                    usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])),
+                    4,
+                ),
+                126 => break,
+                127 => panic!("no frame here is that large"),
+                l => (usize::from(l), 2),
+            };
+            if at + header + len > bytes.len() {
+                break;
+            }
+            if opcode == 0x8 && len >= 2 {
+                code = Some(u16::from_be_bytes([
+                    bytes[at + header],
+                    bytes[at + header + 1],
+                ]));
+            }
+            at += header + len;
+        }
+    }
+    assert_eq!(code, Some(confcast::protocol::close::KEEPALIVE_TIMEOUT));
 }

@@ -135,7 +135,11 @@ async fn topic(
         .map(|s| s.files)
         .unwrap_or_default()
         .into_iter()
-        .map(|f| json!({"path": f.path, "sha": f.sha, "bytes": f.content.len()}))
+        .map(|f| {
+            let bytes =
+                crate::protocol::decode_content(&f.content, f.encoding).map_or(0, |b| b.len());
+            json!({"path": f.path, "sha": f.sha, "bytes": bytes})
+        })
         .collect();
     let rollout = rollout(&app, &summary.topic, summary.version).await?;
     let rejected = app

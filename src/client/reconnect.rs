@@ -239,6 +239,19 @@ async fn run(
                 fresh = true;
                 let _ = tx.send(Delivery::Disconnected { reason: why }).await;
             }
+            Ended::Replaced(why) => {
+                // Two processes share an instance id: don't fight over it at full speed.
+                tracing::warn!(%url, reason = %why, instance = %options.identity.instance,
+                    "replaced by another connection with the same instance id; backing off");
+                if tx
+                    .send(Delivery::Disconnected { reason: why })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(options.backoff_max).await;
+            }
             Ended::Lost(why) => {
                 tracing::info!(%url, reason = %why, "disconnected; reconnecting");
                 if tx
@@ -257,6 +270,8 @@ async fn run(
 
 enum Ended {
     ClientDropped,
+    /// Another connection with the same instance id took over.
+    Replaced(String),
     Lost(String),
     Gap(String),
 }
@@ -309,6 +324,9 @@ async fn serve(
             frame = tokio::time::timeout(silence, session.next_frame()) => {
                 let frame = match frame {
                     Err(_) => return Ended::Lost(format!("no frame from the server for {silence:?}")),
+                    Ok(Err(super::ClientError::Closed { code: crate::protocol::close::REPLACED, reason })) => {
+                        return Ended::Replaced(reason);
+                    }
                     Ok(Err(e)) => return Ended::Lost(e.to_string()),
                     Ok(Ok(None)) => continue,
                     Ok(Ok(Some(frame))) => frame,

@@ -191,6 +191,11 @@ impl LocalState {
         if s.version <= topic.handled && s.version == topic.version {
             return Taken::Duplicate;
         }
+        if s.version < topic.version {
+            // Versions went backwards: the server's data was reset. Start this topic over.
+            tracing::warn!(topic = %s.topic, have = topic.version, got = s.version, "server versions went back; resetting the topic");
+            topic.handled = 0;
+        }
         let mut files = Files::new();
         for f in &s.files {
             match decode_content(&f.content, f.encoding) {
@@ -213,6 +218,11 @@ impl LocalState {
         let key = (c.topic.clone(), c.version);
         let in_flight = self.pending.contains_key(&key);
         let topic = self.stored.topics.entry(c.topic.clone()).or_default();
+        if c.previous_version == 0 && topic.version > 0 {
+            // A topic "created" again: the server's data was reset. Start this topic over.
+            tracing::warn!(topic = %c.topic, have = topic.version, "topic restarted at version 1 on the server; resetting");
+            *topic = Default::default();
+        }
         if c.version <= topic.handled
             || c.version < topic.version
             || (c.version == topic.version && in_flight)

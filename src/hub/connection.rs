@@ -33,7 +33,12 @@ pub async fn upgrade(
         let given = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then_some(token.trim())
+            })
             .or(query.get("token").map(String::as_str))
             .unwrap_or_default();
         if !bool::from(given.as_bytes().ct_eq(expected.expose())) {
@@ -248,7 +253,7 @@ impl Connection {
                     .await
             }
         };
-        match parsed {
+        let answer = match parsed {
             ClientMessage::Hello {
                 instance,
                 app,
@@ -265,7 +270,10 @@ impl Connection {
                 status,
                 error,
             } => self.on_ack(topic, version, status, error).await,
-        }
+        };
+        // Answering (a long replay, say) kept the loop from reading pongs: that time is not silence.
+        self.last_heard = Instant::now();
+        answer
     }
 
     async fn on_hello(
@@ -317,7 +325,7 @@ impl Connection {
             protocol: protocol::PROTOCOL_VERSION,
             server: format!("confcast/{}", env!("CARGO_PKG_VERSION")),
             instance,
-            heartbeat_secs: self.app.config.server.heartbeat_secs,
+            heartbeat_secs: self.app.config.server.heartbeat().as_secs(),
         };
         self.send(&welcome).await.err()
     }

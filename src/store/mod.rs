@@ -5,6 +5,7 @@
 //! topic state, in one transaction, before any byte of it is sent. Sequence numbers are 1, 2, 3, ...
 //! with no gap, so a reader that has seen `n` knows exactly what it has not seen.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -283,9 +284,57 @@ impl RepoLock {
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PgStore::open(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.to_string()))
     }
+}
+
+/// One topic change as every store logs it: the wire change, the frame sent to subscribers and
+/// the `files` column its history is read back from.
+pub(crate) struct LogEntry {
+    pub change: Change,
+    pub frame: String,
+    pub files: String,
+}
+
+/// Builds the log entry of `topic` at `seq`. Shared by the stores so a change is encoded the same
+/// way whichever database holds it: clients and the history API must not see which one it is.
+pub(crate) fn log_entry(
+    outcome: &SyncOutcome,
+    topic: &TopicChange,
+    seq: u64,
+    previous_version: u64,
+) -> Result<LogEntry, StoreError> {
+    let change = Change {
+        seq,
+        topic: topic.topic.clone(),
+        version: previous_version + 1,
+        previous_version,
+        commit: outcome.commit.clone(),
+        author: outcome.author.clone(),
+        message: outcome.message.clone(),
+        files: topic.files.iter().map(|f| f.to_wire()).collect(),
+    };
+    let frame = serde_json::to_string(&crate::protocol::ServerMessage::Change(change.clone()))
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let files: Vec<HistoryFile> = change
+        .files
+        .iter()
+        .map(|f| HistoryFile {
+            path: f.path.clone(),
+            status: f.status,
+            old_path: f.old_path.clone(),
+            sha: f.sha.clone(),
+        })
+        .collect();
+    let files = serde_json::to_string(&files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(LogEntry {
+        change,
+        frame,
+        files,
+    })
 }
 
 pub(crate) fn now_ms() -> i64 {

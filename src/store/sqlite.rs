@@ -18,7 +18,7 @@ use super::{
     now_ms, AckRecord, AckRejection, HistoryEntry, HistoryFile, InstanceRecord, LoggedEvent,
     Rejection, RepoRecord, Store, StoreError, SyncOutcome, TopicSummary,
 };
-use crate::protocol::{AckStatus, Change, FileStatus, ServerMessage, Snapshot, SnapshotFile};
+use crate::protocol::{AckStatus, Change, FileStatus, Snapshot, SnapshotFile};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -244,30 +244,11 @@ impl Store for SqliteStore {
                     .await?;
             let previous_version = previous.map_or(0, to_u64);
             seq += 1;
-            let change = Change {
-                seq,
-                topic: tc.topic.clone(),
-                version: previous_version + 1,
-                previous_version,
-                commit: outcome.commit.clone(),
-                author: outcome.author.clone(),
-                message: outcome.message.clone(),
-                files: tc.files.iter().map(|f| f.to_wire()).collect(),
-            };
-            let frame = serde_json::to_string(&ServerMessage::Change(change.clone()))
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let files: Vec<HistoryFile> = change
-                .files
-                .iter()
-                .map(|f| HistoryFile {
-                    path: f.path.clone(),
-                    status: f.status,
-                    old_path: f.old_path.clone(),
-                    sha: f.sha.clone(),
-                })
-                .collect();
-            let files =
-                serde_json::to_string(&files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let super::LogEntry {
+                change,
+                frame,
+                files,
+            } = super::log_entry(outcome, tc, seq, previous_version)?;
             sqlx::query(
                 "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -570,7 +551,8 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO acks (instance, topic, version, status, error, acked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (instance, topic) DO UPDATE SET version = excluded.version, status = excluded.status,
-               error = excluded.error, acked_at = excluded.acked_at",
+               error = excluded.error, acked_at = excluded.acked_at
+             WHERE excluded.version >= acks.version",
         )
         .bind(instance)
         .bind(topic)

@@ -429,3 +429,65 @@ impl Drop for ServerProcess {
         self.kill();
     }
 }
+
+/// A fresh PostgreSQL database for one test, dropped afterwards. `None` (with the reason printed)
+/// when PostgreSQL is unreachable outside CI; under `CI=true` an unreachable server fails the test.
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+}
+
+const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+impl PgDatabase {
+    pub async fn create() -> Option<PgDatabase> {
+        use sqlx::Connection;
+        let admin = std::env::var("CONFCAST_TEST_PG").unwrap_or_else(|_| PG_ADMIN.to_string());
+        let mut conn = match sqlx::PgConnection::connect(&admin).await {
+            Ok(c) => c,
+            Err(e) => {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("CI=true but PostgreSQL at {admin} is unreachable: {e}");
+                }
+                eprintln!("skipping PostgreSQL test: cannot connect to {admin}: {e}");
+                return None;
+            }
+        };
+        let name = format!(
+            "confcast_e2e_{}_{}",
+            std::process::id(),
+            delivery_id().replace('-', "_")
+        );
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create database");
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+        Some(PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+                "-q",
+                "-c",
+            ])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}

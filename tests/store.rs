@@ -1,0 +1,1089 @@
+//! The store contract, written once against `Arc<dyn Store>` and run on SQLite and on PostgreSQL,
+//! then what only replicas sharing one PostgreSQL database can show: concurrent publishers leave
+//! no gap, a repo lock excludes another replica, and a publish wakes the other replicas' hubs even
+//! after their listener connection was cut.
+//!
+//! PostgreSQL tests use `CONFCAST_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`)
+//! to create a fresh database per test. When it is unreachable they are skipped, unless `CI=true`,
+//! where they fail: CI must not go green without having run them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confcast::protocol::{decode_content, AckStatus, Change, FileStatus, ServerMessage};
+use confcast::store::{
+    self, AckRejection, ChangedFile, Rejection, Store, SyncOutcome, TopicChange,
+};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Long enough for a loaded 2-core machine; a healthy run never waits this long.
+const WAIT: Duration = Duration::from_secs(15);
+/// How long a waiter must stay blocked to count as excluded.
+const EXCLUDED: Duration = Duration::from_millis(500);
+
+// ---- building sync outcomes -------------------------------------------------------------------
+
+fn file(path: &str, status: FileStatus, content: &[u8]) -> ChangedFile {
+    ChangedFile {
+        path: path.into(),
+        status,
+        old_path: None,
+        sha: format!("sha-{}", content.len()),
+        content: Some(content.to_vec()),
+    }
+}
+
+fn added(path: &str, content: &[u8]) -> ChangedFile {
+    file(path, FileStatus::Added, content)
+}
+
+fn modified(path: &str, content: &[u8]) -> ChangedFile {
+    file(path, FileStatus::Modified, content)
+}
+
+fn renamed(old: &str, path: &str, content: &[u8]) -> ChangedFile {
+    ChangedFile {
+        old_path: Some(old.into()),
+        ..file(path, FileStatus::Renamed, content)
+    }
+}
+
+fn deleted(path: &str) -> ChangedFile {
+    ChangedFile {
+        path: path.into(),
+        status: FileStatus::Deleted,
+        old_path: None,
+        sha: "0".repeat(40),
+        content: None,
+    }
+}
+
+fn outcome(repo: &str, commit: &str, topics: Vec<(&str, Vec<ChangedFile>)>) -> SyncOutcome {
+    SyncOutcome {
+        repo: repo.into(),
+        commit: commit.into(),
+        author: "Ada <ada@example.com>".into(),
+        message: format!("commit {commit}"),
+        topics: topics
+            .into_iter()
+            .map(|(topic, files)| TopicChange {
+                topic: topic.into(),
+                files,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn rejection(topic: &str, base: &str, commit: &str, line: Option<u32>) -> Rejection {
+    Rejection {
+        repo: "cfg".into(),
+        topic: topic.into(),
+        base_commit: base.into(),
+        commit: commit.into(),
+        author: "Ada <ada@example.com>".into(),
+        path: format!("{topic}/app.toml"),
+        line,
+        message: "expected `=`".into(),
+        at_ms: 1_700_000_000_000,
+    }
+}
+
+fn seqs(changes: &[Change]) -> Vec<(u64, &str, u64, u64)> {
+    changes
+        .iter()
+        .map(|c| (c.seq, c.topic.as_str(), c.version, c.previous_version))
+        .collect()
+}
+
+/// Each snapshot's files as (path, content bytes), so binary and text compare alike.
+fn snapshot_files(snapshot: &confcast::protocol::Snapshot) -> Vec<(String, Vec<u8>)> {
+    snapshot
+        .files
+        .iter()
+        .map(|f| {
+            let bytes = decode_content(&f.content, f.encoding).expect("valid content encoding");
+            (f.path.clone(), bytes)
+        })
+        .collect()
+}
+
+fn owned(files: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
+    files
+        .iter()
+        .map(|(p, c)| (p.to_string(), c.to_vec()))
+        .collect()
+}
+
+/// Waits for a repo lock in a task of its own, so a test can watch whether it is granted.
+fn lock_in_background(
+    store: &Arc<dyn Store>,
+    repo: &'static str,
+) -> oneshot::Receiver<store::RepoLock> {
+    let (tx, rx) = oneshot::channel();
+    let store = store.clone();
+    tokio::spawn(async move {
+        let lock = store.lock_repo(repo).await.expect("lock_repo");
+        let _ = tx.send(lock);
+    });
+    rx
+}
+
+// ---- the contract, one function per behaviour, run on every store -----------------------------
+
+mod contract {
+    use super::*;
+
+    pub async fn publish_numbers_changes_consecutively_and_versions_each_topic(
+        store: Arc<dyn Store>,
+    ) {
+        assert_eq!(store.head_seq().await.expect("head"), 0);
+        assert_eq!(store.oldest_seq().await.expect("oldest"), None);
+        assert_eq!(store.repo_head("cfg").await.expect("repo_head"), None);
+
+        let first = store
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![
+                    ("payments", vec![added("payments/app.toml", b"port = 1\n")]),
+                    ("search", vec![added("search/a.yaml", b"a: 1\n")]),
+                ],
+            ))
+            .await
+            .expect("publish c1");
+        assert_eq!(seqs(&first), [(1, "payments", 1, 0), (2, "search", 1, 0)]);
+        let second = store
+            .publish(&outcome(
+                "cfg",
+                "c2",
+                vec![(
+                    "payments",
+                    vec![modified("payments/app.toml", b"port = 2\n")],
+                )],
+            ))
+            .await
+            .expect("publish c2");
+        assert_eq!(seqs(&second), [(3, "payments", 2, 1)]);
+        let third = store
+            .publish(&outcome(
+                "other",
+                "c3",
+                vec![
+                    ("billing", vec![added("billing/x.json", b"{}")]),
+                    ("search", vec![modified("search/a.yaml", b"a: 2\n")]),
+                ],
+            ))
+            .await
+            .expect("publish c3");
+        assert_eq!(seqs(&third), [(4, "billing", 1, 0), (5, "search", 2, 1)]);
+        assert_eq!(third[0].commit, "c3");
+        assert_eq!(third[0].author, "Ada <ada@example.com>");
+        assert_eq!(third[0].message, "commit c3");
+
+        assert_eq!(store.head_seq().await.expect("head"), 5);
+        assert_eq!(store.oldest_seq().await.expect("oldest"), Some(1));
+        assert_eq!(
+            store.repo_head("cfg").await.expect("repo_head").as_deref(),
+            Some("c2")
+        );
+        let repos: Vec<(String, String)> = store
+            .repos()
+            .await
+            .expect("repos")
+            .into_iter()
+            .map(|r| (r.name, r.head))
+            .collect();
+        assert_eq!(
+            repos,
+            [("cfg".into(), "c2".into()), ("other".into(), "c3".into())]
+        );
+        let topics: Vec<(String, String, u64, u64, String)> = store
+            .topics()
+            .await
+            .expect("topics")
+            .into_iter()
+            .map(|t| (t.topic, t.repo, t.version, t.seq, t.commit))
+            .collect();
+        assert_eq!(
+            topics,
+            [
+                ("billing".into(), "other".into(), 1, 4, "c3".into()),
+                ("payments".into(), "cfg".into(), 2, 3, "c2".into()),
+                ("search".into(), "other".into(), 2, 5, "c3".into()),
+            ]
+        );
+
+        // The logged frame is exactly the change publish returned, ready to send as is.
+        let logged = store.events_after(0, 100).await.expect("events");
+        let all: Vec<Change> = first.into_iter().chain(second).chain(third).collect();
+        assert_eq!(logged.len(), all.len());
+        for (event, change) in logged.iter().zip(&all) {
+            assert_eq!(
+                (event.seq, event.topic.as_str()),
+                (change.seq, change.topic.as_str())
+            );
+            let frame: ServerMessage = serde_json::from_str(&event.frame).expect("frame is JSON");
+            assert_eq!(frame, ServerMessage::Change(change.clone()));
+        }
+
+        let history = store.topic_history("payments", 10).await.expect("history");
+        let summary: Vec<(u64, u64, &str)> = history
+            .iter()
+            .map(|h| (h.seq, h.version, h.commit.as_str()))
+            .collect();
+        assert_eq!(summary, [(3, 2, "c2"), (1, 1, "c1")]);
+        assert_eq!(history[0].message, "commit c2");
+        assert_eq!(history[0].files.len(), 1);
+        assert_eq!(history[0].files[0].path, "payments/app.toml");
+        assert_eq!(history[0].files[0].status, FileStatus::Modified);
+        let latest = store.topic_history("payments", 1).await.expect("history");
+        assert_eq!(latest.iter().map(|h| h.seq).collect::<Vec<_>>(), [3]);
+        assert!(store
+            .topic_history("nope", 10)
+            .await
+            .expect("history")
+            .is_empty());
+    }
+
+    pub async fn events_after_pages_through_the_log_in_order(store: Arc<dyn Store>) {
+        for i in 1..=7 {
+            let topic = if i % 2 == 0 { "even" } else { "odd" };
+            let content = format!("n = {i}\n");
+            store
+                .publish(&outcome(
+                    "cfg",
+                    &format!("c{i}"),
+                    vec![(topic, vec![added("x.toml", content.as_bytes())])],
+                ))
+                .await
+                .expect("publish");
+        }
+        let mut after = 0;
+        let mut pages = Vec::new();
+        loop {
+            let page = store.events_after(after, 3).await.expect("events");
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map_or(after, |e| e.seq);
+            pages.push(page.iter().map(|e| e.seq).collect::<Vec<_>>());
+        }
+        assert_eq!(pages, [vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
+        let tail = store.events_after(5, 100).await.expect("events");
+        let tail: Vec<(u64, &str)> = tail.iter().map(|e| (e.seq, e.topic.as_str())).collect();
+        assert_eq!(tail, [(6, "even"), (7, "odd")]);
+        assert!(store.events_after(7, 100).await.expect("events").is_empty());
+    }
+
+    pub async fn snapshots_follow_adds_modifies_renames_and_deletes(store: Arc<dyn Store>) {
+        let binary: &[u8] = &[0, 159, 146, 150, 0];
+        store
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![
+                    (
+                        "app",
+                        vec![
+                            added("app/a.toml", b"a = 1\n"),
+                            added("app/b.toml", b"b = 1\n"),
+                            added("app/blob.bin", binary),
+                        ],
+                    ),
+                    ("other", vec![added("other/x", b"x")]),
+                ],
+            ))
+            .await
+            .expect("publish c1");
+        let (head, snaps) = store.snapshots(&|t| t == "app").await.expect("snapshots");
+        assert_eq!(head, 2);
+        assert_eq!(snaps.len(), 1);
+        assert_eq!((snaps[0].version, snaps[0].seq), (1, 1));
+        assert_eq!(
+            snapshot_files(&snaps[0]),
+            owned(&[
+                ("app/a.toml", b"a = 1\n"),
+                ("app/b.toml", b"b = 1\n"),
+                ("app/blob.bin", binary),
+            ])
+        );
+
+        store
+            .publish(&outcome(
+                "cfg",
+                "c2",
+                vec![(
+                    "app",
+                    vec![
+                        modified("app/a.toml", b"a = 2\n"),
+                        renamed("app/b.toml", "app/c.toml", b"b = 1\n"),
+                    ],
+                )],
+            ))
+            .await
+            .expect("publish c2");
+        store
+            .publish(&outcome(
+                "cfg",
+                "c3",
+                vec![("app", vec![deleted("app/blob.bin")])],
+            ))
+            .await
+            .expect("publish c3");
+
+        let (head, snaps) = store.snapshots(&|_| true).await.expect("snapshots");
+        assert_eq!(head, 4);
+        let names: Vec<&str> = snaps.iter().map(|s| s.topic.as_str()).collect();
+        assert_eq!(names, ["app", "other"]);
+        let app = &snaps[0];
+        assert_eq!((app.version, app.seq, app.commit.as_str()), (3, 4, "c3"));
+        assert_eq!(
+            snapshot_files(app),
+            owned(&[("app/a.toml", b"a = 2\n"), ("app/c.toml", b"b = 1\n")])
+        );
+        assert_eq!(snapshot_files(&snaps[1]), owned(&[("other/x", b"x")]));
+
+        let (head, none) = store.snapshots(&|_| false).await.expect("snapshots");
+        assert_eq!((head, none.len()), (4, 0));
+    }
+
+    pub async fn acks_are_checked_against_the_topic_version(store: Arc<dyn Store>) {
+        for commit in ["c1", "c2"] {
+            store
+                .publish(&outcome(
+                    "cfg",
+                    commit,
+                    vec![("payments", vec![added("p.toml", commit.as_bytes())])],
+                ))
+                .await
+                .expect("publish");
+        }
+        let ack = |instance: &'static str, topic: &'static str, version, status, error| {
+            let store = store.clone();
+            async move {
+                store
+                    .record_ack(instance, topic, version, status, error)
+                    .await
+                    .expect("record_ack")
+            }
+        };
+        assert_eq!(
+            ack("web-1", "nope", 1, AckStatus::Applied, None).await,
+            Err(AckRejection::UnknownTopic)
+        );
+        assert_eq!(
+            ack("web-1", "payments", 0, AckStatus::Applied, None).await,
+            Err(AckRejection::UnknownVersion { current: 2 })
+        );
+        assert_eq!(
+            ack("web-1", "payments", 3, AckStatus::Applied, None).await,
+            Err(AckRejection::UnknownVersion { current: 2 })
+        );
+        assert!(
+            store.acks().await.expect("acks").is_empty(),
+            "refused acks are not kept"
+        );
+
+        assert_eq!(
+            ack("web-1", "payments", 1, AckStatus::Applied, None).await,
+            Ok(())
+        );
+        // The latest word of an instance on a topic is the one that counts.
+        assert_eq!(
+            ack("web-1", "payments", 2, AckStatus::Failed, Some("bad port")).await,
+            Ok(())
+        );
+        assert_eq!(
+            ack("web-2", "payments", 2, AckStatus::Applied, None).await,
+            Ok(())
+        );
+        // A late ack for an older version does not move an instance back in the rollout.
+        assert_eq!(
+            ack("web-2", "payments", 1, AckStatus::Applied, None).await,
+            Ok(())
+        );
+
+        let acks: Vec<(String, u64, AckStatus, Option<String>)> = store
+            .acks()
+            .await
+            .expect("acks")
+            .into_iter()
+            .map(|a| (a.instance, a.version, a.status, a.error))
+            .collect();
+        assert_eq!(
+            acks,
+            [
+                (
+                    "web-1".into(),
+                    2,
+                    AckStatus::Failed,
+                    Some("bad port".into())
+                ),
+                ("web-2".into(), 2, AckStatus::Applied, None),
+            ]
+        );
+        let of_web_2 = store.acks_of("web-2").await.expect("acks_of");
+        assert_eq!(of_web_2.len(), 1);
+        assert_eq!(
+            (of_web_2[0].topic.as_str(), of_web_2[0].version),
+            ("payments", 2)
+        );
+        assert!(store.acks_of("web-9").await.expect("acks_of").is_empty());
+    }
+
+    pub async fn remember_delivery_detects_a_redelivery(store: Arc<dyn Store>) {
+        let seen = |repo: &'static str, provider: &'static str, id: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .remember_delivery(repo, provider, id)
+                    .await
+                    .expect("remember_delivery")
+            }
+        };
+        assert!(seen("cfg", "github", "d-1").await, "first delivery is new");
+        assert!(
+            !seen("cfg", "github", "d-1").await,
+            "the same id again is a redelivery"
+        );
+        assert!(seen("cfg", "gitlab", "d-1").await, "ids are per provider");
+        assert!(seen("other", "github", "d-1").await, "ids are per repo");
+        assert!(seen("cfg", "github", "d-2").await);
+    }
+
+    pub async fn trim_keeps_the_most_recent_events_and_all_topic_state(store: Arc<dyn Store>) {
+        for i in 1..=5 {
+            let topic = if i % 2 == 0 { "even" } else { "odd" };
+            store
+                .publish(&outcome(
+                    "cfg",
+                    &format!("c{i}"),
+                    vec![(topic, vec![added("x", format!("{i}").as_bytes())])],
+                ))
+                .await
+                .expect("publish");
+        }
+        let before = store.snapshots(&|_| true).await.expect("snapshots");
+        assert_eq!(store.trim(2, 0).await.expect("trim"), 3);
+        let kept: Vec<u64> = store
+            .events_after(0, 100)
+            .await
+            .expect("events")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(kept, [4, 5]);
+        assert_eq!(store.oldest_seq().await.expect("oldest"), Some(4));
+        assert_eq!(store.head_seq().await.expect("head"), 5);
+        assert_eq!(store.trim(2, 0).await.expect("trim"), 0);
+        assert_eq!(
+            store.trim(0, 60_000).await.expect("trim"),
+            0,
+            "nothing is a minute old"
+        );
+        assert_eq!(store.trim(0, 0).await.expect("trim"), 0);
+
+        let after = store.snapshots(&|_| true).await.expect("snapshots");
+        assert_eq!(after, before, "retention never touches topic state");
+        let next = store
+            .publish(&outcome("cfg", "c6", vec![("odd", vec![added("x", b"6")])]))
+            .await
+            .expect("publish");
+        assert_eq!(seqs(&next), [(6, "odd", 4, 3)]);
+    }
+
+    pub async fn rejections_are_written_and_cleared_by_publish(store: Arc<dyn Store>) {
+        let held = SyncOutcome {
+            rejected: vec![rejection("payments", "c0", "c1", Some(3))],
+            ..outcome("cfg", "c1", vec![])
+        };
+        assert!(store.publish(&held).await.expect("publish").is_empty());
+        assert_eq!(
+            store.head_seq().await.expect("head"),
+            0,
+            "a rejection takes no seq"
+        );
+        assert_eq!(
+            store.repo_head("cfg").await.expect("repo_head").as_deref(),
+            Some("c1")
+        );
+        let found = store.rejections("cfg").await.expect("rejections");
+        assert_eq!(found.len(), 1);
+        let r = &found[0];
+        assert_eq!(
+            (
+                r.topic.as_str(),
+                r.base_commit.as_str(),
+                r.commit.as_str(),
+                r.line
+            ),
+            ("payments", "c0", "c1", Some(3))
+        );
+        assert_eq!(
+            (r.path.as_str(), r.message.as_str()),
+            ("payments/app.toml", "expected `=`")
+        );
+        assert_eq!(r.at_ms, 1_700_000_000_000);
+        assert!(store
+            .rejections("other")
+            .await
+            .expect("rejections")
+            .is_empty());
+
+        // Still broken at the next commit: the same row, still diffed from the last good commit.
+        let still = SyncOutcome {
+            rejected: vec![rejection("payments", "c1", "c2", None)],
+            ..outcome("cfg", "c2", vec![])
+        };
+        store.publish(&still).await.expect("publish");
+        let found = store.rejections("cfg").await.expect("rejections");
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (
+                found[0].base_commit.as_str(),
+                found[0].commit.as_str(),
+                found[0].line
+            ),
+            ("c0", "c2", None)
+        );
+
+        let fixed = SyncOutcome {
+            cleared: vec!["payments".into()],
+            ..outcome(
+                "cfg",
+                "c3",
+                vec![("payments", vec![added("payments/app.toml", b"port = 1\n")])],
+            )
+        };
+        let published = store.publish(&fixed).await.expect("publish");
+        assert_eq!(seqs(&published), [(1, "payments", 1, 0)]);
+        assert!(store
+            .rejections("cfg")
+            .await
+            .expect("rejections")
+            .is_empty());
+    }
+
+    pub async fn instances_follow_their_newest_connection_and_reset_node(store: Arc<dyn Store>) {
+        let labels = BTreeMap::from([("env".to_string(), "prod".to_string())]);
+        store
+            .instance_connected("web-1", Some("web"), &labels, "conn-1", "node-a")
+            .await
+            .expect("connected");
+        store
+            .instance_subscriptions("web-1", &["payments".into(), "search/*".into()])
+            .await
+            .expect("subscriptions");
+        store
+            .instance_connected("web-2", None, &BTreeMap::new(), "conn-2", "node-b")
+            .await
+            .expect("connected");
+
+        let all = store.instances().await.expect("instances");
+        assert_eq!(all.len(), 2);
+        let web1 = &all[0];
+        assert_eq!(web1.id, "web-1");
+        assert_eq!(web1.app.as_deref(), Some("web"));
+        assert_eq!(web1.labels, labels);
+        assert_eq!(web1.subscriptions, ["payments", "search/*"]);
+        assert_eq!(web1.node.as_deref(), Some("node-a"));
+        assert!(web1.connected);
+        assert_eq!((all[1].id.as_str(), all[1].app.as_deref()), ("web-2", None));
+
+        let connected = |store: Arc<dyn Store>, id: &'static str| async move {
+            store
+                .instances()
+                .await
+                .expect("instances")
+                .into_iter()
+                .find(|i| i.id == id)
+                .map(|i| i.connected)
+        };
+        // A newer connection took web-1 over: the old one closing does not disconnect it.
+        store
+            .instance_connected("web-1", Some("web"), &labels, "conn-3", "node-a")
+            .await
+            .expect("connected");
+        store
+            .instance_disconnected("web-1", "conn-1")
+            .await
+            .expect("disconnected");
+        assert_eq!(connected(store.clone(), "web-1").await, Some(true));
+        store
+            .instance_disconnected("web-1", "conn-3")
+            .await
+            .expect("disconnected");
+        assert_eq!(connected(store.clone(), "web-1").await, Some(false));
+
+        store
+            .instance_connected("web-1", Some("web"), &labels, "conn-4", "node-a")
+            .await
+            .expect("connected");
+        store.reset_node("node-a").await.expect("reset_node");
+        assert_eq!(connected(store.clone(), "web-1").await, Some(false));
+    }
+
+    pub async fn lock_repo_lets_one_holder_at_a_time(store: Arc<dyn Store>) {
+        let held = store.lock_repo("cfg").await.expect("lock_repo");
+        let mut waiting = lock_in_background(&store, "cfg");
+        assert!(
+            tokio::time::timeout(EXCLUDED, &mut waiting).await.is_err(),
+            "a second holder of `cfg` must wait"
+        );
+        let other = tokio::time::timeout(WAIT, store.lock_repo("other"))
+            .await
+            .expect("another repo is not blocked")
+            .expect("lock_repo");
+        drop(other);
+        drop(held);
+        let _next = tokio::time::timeout(WAIT, waiting)
+            .await
+            .expect("the waiter gets `cfg` once it is released")
+            .expect("lock task");
+    }
+}
+
+// ---- the two backends -------------------------------------------------------------------------
+
+async fn open_sqlite(dir: &std::path::Path) -> Arc<dyn Store> {
+    store::open(&format!("sqlite://{}", dir.join("confcast.db").display()))
+        .await
+        .expect("open sqlite store")
+}
+
+/// A database of its own for one test, dropped when the test ends, pass or fail.
+struct PgDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    /// `None` (after saying why) when PostgreSQL is not there to test against, outside CI.
+    async fn create() -> Option<PgDb> {
+        let admin_url = std::env::var("CONFCAST_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("confcast_t_{:016x}", rand::random::<u64>());
+        let created = async {
+            let mut admin =
+                tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&admin_url))
+                    .await
+                    .map_err(|_| format!("connecting to {admin_url} timed out"))?
+                    .map_err(|e| format!("cannot connect to {admin_url}: {e}"))?;
+            sqlx::Executor::execute(&mut admin, format!("CREATE DATABASE {name}").as_str())
+                .await
+                .map_err(|e| format!("cannot create database {name}: {e}"))?;
+            let _ = admin.close().await;
+            Ok::<_, String>(())
+        };
+        if let Err(reason) = created.await {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "PostgreSQL store tests must run in CI (CI=true): {reason}"
+            );
+            eprintln!("skipping PostgreSQL store tests: {reason}");
+            return None;
+        }
+        // Same server and credentials, the new database instead of the admin one.
+        let (base, query) = match admin_url.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (admin_url.as_str(), String::new()),
+        };
+        let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
+        let url = format!("{server}/{name}{query}");
+        Some(PgDb {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    /// One more replica's store on this database.
+    async fn open(&self) -> Arc<dyn Store> {
+        store::open(&self.url).await.expect("open postgres store")
+    }
+
+    /// A session on the admin database, for what cannot be done from inside this one.
+    async fn admin(&self) -> PgConnection {
+        PgConnection::connect(&self.admin_url)
+            .await
+            .expect("connect to the admin database")
+    }
+
+    /// Terminates this database's listener sessions (as a proxy or failover would); how many.
+    async fn cut_listeners(&self, admin: &mut PgConnection) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = $2",
+        )
+        .bind(&self.name)
+        .bind(store::postgres::LISTENER_APPLICATION_NAME)
+        .fetch_one(admin)
+        .await
+        .expect("terminate the listener")
+    }
+
+    async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        // Best effort, on a thread with its own runtime: Drop cannot await, and it also runs
+        // while a failed test unwinds. FORCE ends the sessions the test's stores still hold.
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let mut admin = PgConnection::connect(&admin_url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                sqlx::Executor::execute(&mut admin, sql.as_str())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = admin.close().await;
+                Ok::<_, String>(())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// Runs each contract function as a test on SQLite and as a test on PostgreSQL.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    super::contract::$name(super::open_sqlite(dir.path()).await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(db) = super::PgDb::create().await else { return };
+                    super::contract::$name(db.open().await).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    publish_numbers_changes_consecutively_and_versions_each_topic,
+    events_after_pages_through_the_log_in_order,
+    snapshots_follow_adds_modifies_renames_and_deletes,
+    acks_are_checked_against_the_topic_version,
+    remember_delivery_detects_a_redelivery,
+    trim_keeps_the_most_recent_events_and_all_topic_state,
+    rejections_are_written_and_cleared_by_publish,
+    instances_follow_their_newest_connection_and_reset_node,
+    lock_repo_lets_one_holder_at_a_time,
+);
+
+// ---- several replicas on one PostgreSQL database ----------------------------------------------
+
+mod replicas {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_starting_together_migrate_the_schema_once() {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let url = db.url.clone();
+        let opening: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { store::open(&url).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for task in opening {
+            stores.push(task.await.expect("open task").expect("every replica opens"));
+        }
+        let applied: i64 = sqlx::query_scalar("SELECT applied FROM confcast_schema")
+            .fetch_one(&mut db.connect().await)
+            .await
+            .expect("schema row");
+        assert_eq!(applied, 3);
+        stores[0]
+            .publish(&outcome("cfg", "c1", vec![("t", vec![added("x", b"1")])]))
+            .await
+            .expect("publish");
+        assert_eq!(stores[3].head_seq().await.expect("head"), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_publishing_at_once_leave_no_gap_and_no_duplicate() {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let replicas = [db.open().await, db.open().await];
+        // Both start together, so their publishes really contend for the log head.
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let tasks: Vec<_> = replicas
+            .iter()
+            .zip(["left", "right"])
+            .map(|(store, name)| {
+                let (store, start) = (store.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    let mut seqs = Vec::new();
+                    for i in 1..=50 {
+                        let content = format!("n = {i}\n");
+                        let changes = store
+                            .publish(&outcome(
+                                name,
+                                &format!("{name}-{i}"),
+                                vec![(name, vec![added("x.toml", content.as_bytes())])],
+                            ))
+                            .await
+                            .expect("publish");
+                        assert_eq!(changes.len(), 1);
+                        assert_eq!(changes[0].version, i, "{name}: versions follow each other");
+                        seqs.push(changes[0].seq);
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let mut handed_out = Vec::new();
+        for task in tasks {
+            handed_out.extend(task.await.expect("publisher task"));
+        }
+        handed_out.sort_unstable();
+        assert_eq!(handed_out, (1..=100).collect::<Vec<u64>>());
+
+        let log = replicas[1].events_after(0, 1000).await.expect("events");
+        assert_eq!(
+            log.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=100).collect::<Vec<u64>>(),
+            "the log is 1..=100 with no gap"
+        );
+        let switches = log.windows(2).filter(|w| w[0].topic != w[1].topic).count();
+        assert!(
+            switches >= 2,
+            "the two publishers must have interleaved for this to prove anything"
+        );
+        let mut versions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for event in &log {
+            let ServerMessage::Change(change) =
+                serde_json::from_str(&event.frame).expect("frame is JSON")
+            else {
+                panic!("frame {} is not a change", event.seq);
+            };
+            assert_eq!(change.seq, event.seq, "the frame carries its own seq");
+            versions
+                .entry(change.topic)
+                .or_default()
+                .push(change.version);
+        }
+        for (topic, v) in &versions {
+            assert_eq!(
+                v,
+                &(1..=50).collect::<Vec<u64>>(),
+                "{topic}: versions in log order"
+            );
+        }
+        assert_eq!(replicas[0].head_seq().await.expect("head"), 100);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repo_lock_excludes_another_replica_until_released_or_its_holder_dies() {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let (a, b) = (db.open().await, db.open().await);
+
+        let held = a.lock_repo("cfg").await.expect("lock_repo");
+        let mut waiting = lock_in_background(&b, "cfg");
+        assert!(
+            tokio::time::timeout(EXCLUDED, &mut waiting).await.is_err(),
+            "replica b must wait while a syncs `cfg`"
+        );
+        drop(
+            tokio::time::timeout(WAIT, b.lock_repo("other"))
+                .await
+                .expect("other repos stay free")
+                .expect("lock_repo"),
+        );
+        drop(held);
+        let held_by_b = tokio::time::timeout(WAIT, waiting)
+            .await
+            .expect("b gets `cfg` once a releases it")
+            .expect("lock task");
+
+        // Now a waits on b, and b's session dies without a word (a crashed replica).
+        let mut waiting = lock_in_background(&a, "cfg");
+        assert!(tokio::time::timeout(EXCLUDED, &mut waiting).await.is_err());
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&mut db.connect().await)
+        .await
+        .expect("terminate the lock holder");
+        assert_eq!(killed, 1, "exactly one session holds `cfg`");
+        let _held_by_a = tokio::time::timeout(WAIT, waiting)
+            .await
+            .expect("a dead holder loses the lock")
+            .expect("lock task");
+        drop(held_by_b);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_wakes_on_another_replicas_publish_and_after_its_listener_is_cut() {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let (publisher, watcher) = (db.open().await, db.open().await);
+        let wake = Arc::new(Notify::new());
+        let shutdown = CancellationToken::new();
+        let watching = tokio::spawn({
+            let (watcher, wake, shutdown) = (watcher.clone(), wake.clone(), shutdown.clone());
+            async move { watcher.watch(wake, shutdown).await }
+        });
+        let woken = |why: &'static str| {
+            let wake = wake.clone();
+            async move {
+                tokio::time::timeout(WAIT, wake.notified())
+                    .await
+                    .unwrap_or_else(|_| panic!("no wake: {why}"));
+            }
+        };
+        woken("once the listener is connected").await;
+
+        publisher
+            .publish(&outcome("cfg", "c1", vec![("t", vec![added("x", b"1")])]))
+            .await
+            .expect("publish");
+        woken("the other replica published").await;
+
+        // Cut the listener's connection, as a proxy or failover would.
+        let mut admin = db.admin().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            // Retried: another test cutting every LISTEN session may have cut ours just now.
+            if db.cut_listeners(&mut admin).await > 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no listener session to cut"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        woken("the listener reconnected; what it missed is only in the log").await;
+
+        publisher
+            .publish(&outcome(
+                "cfg",
+                "c2",
+                vec![("t", vec![modified("x", b"2")])],
+            ))
+            .await
+            .expect("publish");
+        woken("the reconnected listener hears the next publish").await;
+
+        shutdown.cancel();
+        tokio::time::timeout(WAIT, watching)
+            .await
+            .expect("watch returns on shutdown")
+            .expect("watch task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_keeps_retrying_while_the_database_refuses_connections() {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let (publisher, watcher) = (db.open().await, db.open().await);
+        let wake = Arc::new(Notify::new());
+        let shutdown = CancellationToken::new();
+        let watching = tokio::spawn({
+            let (watcher, wake, shutdown) = (watcher.clone(), wake.clone(), shutdown.clone());
+            async move { watcher.watch(wake, shutdown).await }
+        });
+        tokio::time::timeout(WAIT, wake.notified())
+            .await
+            .expect("a wake once the listener is connected");
+
+        // The listener is cut and cannot come back: no wake may claim it did.
+        let mut admin = db.admin().await;
+        let refuse = format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false", db.name);
+        sqlx::Executor::execute(&mut admin, refuse.as_str())
+            .await
+            .expect("refuse connections");
+        assert_eq!(db.cut_listeners(&mut admin).await, 1);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), wake.notified())
+                .await
+                .is_err(),
+            "no wake while the listener cannot reconnect"
+        );
+
+        let allow = format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true", db.name);
+        sqlx::Executor::execute(&mut admin, allow.as_str())
+            .await
+            .expect("allow connections");
+        tokio::time::timeout(WAIT, wake.notified())
+            .await
+            .expect("a wake once the listener is back");
+        publisher
+            .publish(&outcome("cfg", "c1", vec![("t", vec![added("x", b"1")])]))
+            .await
+            .expect("publish");
+        tokio::time::timeout(WAIT, wake.notified())
+            .await
+            .expect("the listener hears publishes again");
+
+        shutdown.cancel();
+        tokio::time::timeout(WAIT, watching)
+            .await
+            .expect("watch returns on shutdown, even mid-backoff")
+            .expect("watch task");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reset_node_leaves_other_replicas_instances_connected() {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let store = db.open().await;
+        for (id, node) in [("web-1", "node-a"), ("web-2", "node-b")] {
+            store
+                .instance_connected(id, None, &BTreeMap::new(), &format!("conn-{id}"), node)
+                .await
+                .expect("connected");
+        }
+        store.reset_node("node-a").await.expect("reset_node");
+        let state: Vec<(String, bool)> = store
+            .instances()
+            .await
+            .expect("instances")
+            .into_iter()
+            .map(|i| (i.id, i.connected))
+            .collect();
+        assert_eq!(state, [("web-1".into(), false), ("web-2".into(), true)]);
+    }
+}
