@@ -103,10 +103,14 @@ mod server {
             token.clone(),
         );
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        let node = format!(
-            "{}:{port}",
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "confcast".into())
-        );
+        // The replica's name: the host's (the environment may not say: systemd sets no HOSTNAME).
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "confcast".into());
+        let node = format!("{host}:{port}");
         // Connections recorded by a previous run of this replica died with it.
         store.reset_node(&node).await?;
         tracing::info!(addr = ?listener.local_addr().ok(), %node, repos = config.repos.len(), "confcast serving");

@@ -120,7 +120,7 @@ impl Job {
     async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
-            // After a failure retry with backoff (1 s, 2 s, ... 60 s); otherwise poll on schedule.
+            // After a failure retry with backoff (2 s, 4 s, ... 60 s); otherwise poll on schedule.
             let wait = if failures > 0 {
                 Some(Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60)))
             } else {
