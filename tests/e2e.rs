@@ -751,3 +751,27 @@ async fn every_subscriber_receives_the_same_bytes_for_a_change() {
     assert!(frames[0].contains("\"type\":\"change\""), "{}", frames[0]);
     assert!(frames.iter().all(|f| *f == frames[0]), "identical frames");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_body_gets_a_clear_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let head = "POST /webhooks/cfg HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.expect("headers");
+    tcp.write_all(br#"{"ref": "refs/he"#)
+        .await
+        .expect("part of the body");
+    tcp.shutdown().await.expect("half close");
+    let mut reply = String::new();
+    let _ = tokio::time::timeout(util::WAIT, tcp.read_to_string(&mut reply))
+        .await
+        .expect("a reply");
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("could not read the request body"), "{reply}");
+    assert_eq!(server.get("/healthz").await.0, 200);
+}

@@ -22,6 +22,8 @@ pub fn verify(headers: &HeaderMap, body: &[u8], secrets: &[Secret]) -> Result<()
 #[derive(Deserialize)]
 struct CloudPush {
     push: CloudChanges,
+    #[serde(default)]
+    repository: Option<super::github::Repository>,
 }
 
 #[derive(Deserialize)]
@@ -63,6 +65,20 @@ fn cloud_ref(r: &CloudRef) -> String {
 struct ServerPush {
     #[serde(default)]
     changes: Vec<ServerChange>,
+    #[serde(default)]
+    repository: Option<ServerRepository>,
+}
+
+#[derive(Deserialize)]
+struct ServerRepository {
+    slug: String,
+    #[serde(default)]
+    project: Option<ServerProject>,
+}
+
+#[derive(Deserialize)]
+struct ServerProject {
+    key: String,
 }
 
 #[derive(Deserialize)]
@@ -74,6 +90,8 @@ struct ServerChange {
     reference: Option<ServerRef>,
     #[serde(default)]
     to_hash: Option<String>,
+    #[serde(default)]
+    from_hash: Option<String>,
     #[serde(rename = "type")]
     kind: String,
 }
@@ -90,28 +108,39 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
         "diagnostics:ping" => Ok(Intake::Ping),
         "repo:push" => {
             let push: CloudPush = serde_json::from_slice(body).map_err(malformed)?;
+            let repository = push.repository.and_then(|r| r.full_name);
+            let hash = |r: &Option<CloudRef>| {
+                r.as_ref()
+                    .and_then(|r| r.target.as_ref())
+                    .and_then(|t| t.hash.clone())
+            };
             let refs = push
                 .push
                 .changes
                 .iter()
-                .filter_map(|c| match (&c.new, &c.old) {
-                    (Some(n), _) => Some(RefUpdate {
-                        git_ref: cloud_ref(n),
-                        after: n.target.as_ref().and_then(|t| t.hash.clone()),
-                        deleted: false,
-                    }),
-                    (None, Some(o)) => Some(RefUpdate {
-                        git_ref: cloud_ref(o),
-                        after: None,
-                        deleted: true,
-                    }),
-                    (None, None) => None,
+                .filter_map(|c| {
+                    let (named, deleted) = match (&c.new, &c.old) {
+                        (Some(n), _) => (n, false),
+                        (None, Some(o)) => (o, true),
+                        (None, None) => return None,
+                    };
+                    Some(RefUpdate {
+                        git_ref: cloud_ref(named),
+                        before: hash(&c.old),
+                        after: hash(&c.new),
+                        deleted,
+                        repository: repository.clone(),
+                    })
                 })
                 .collect();
             Ok(Intake::Push(Some(refs)))
         }
         "repo:refs_changed" => {
             let push: ServerPush = serde_json::from_slice(body).map_err(malformed)?;
+            let repository = push.repository.map(|r| match r.project {
+                Some(p) => format!("{}/{}", p.key, r.slug),
+                None => r.slug,
+            });
             let refs = push
                 .changes
                 .into_iter()
@@ -119,8 +148,10 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
                     let git_ref = c.reference.map(|r| r.id).or(c.ref_id)?;
                     Some(RefUpdate {
                         git_ref,
+                        before: c.from_hash,
                         after: c.to_hash,
                         deleted: c.kind == "DELETE",
+                        repository: repository.clone(),
                     })
                 })
                 .collect();

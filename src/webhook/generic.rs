@@ -45,8 +45,10 @@ pub fn parse(config: &GenericWebhook, body: &[u8]) -> Result<Intake, WebhookErro
     Ok(match value.pointer(pointer).and_then(|v| v.as_str()) {
         Some(git_ref) => Intake::Push(Some(vec![RefUpdate {
             git_ref: git_ref.to_string(),
+            before: None,
             after: None,
             deleted: false,
+            repository: None,
         }])),
         None => Intake::Push(None),
     })

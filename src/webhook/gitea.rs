@@ -78,6 +78,10 @@ struct PushPayload {
     git_ref: String,
     #[serde(default)]
     after: Option<String>,
+    #[serde(default)]
+    before: Option<String>,
+    #[serde(default)]
+    repository: Option<super::github::Repository>,
 }
 
 pub fn parse(flavor: Flavor, headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
@@ -90,7 +94,9 @@ pub fn parse(flavor: Flavor, headers: &HeaderMap, body: &[u8]) -> Result<Intake,
             Ok(Intake::Push(Some(vec![RefUpdate {
                 deleted: push.after.as_deref() == Some(ZERO_SHA),
                 git_ref: push.git_ref,
+                before: push.before,
                 after: push.after,
+                repository: push.repository.and_then(|r| r.full_name),
             }])))
         }
         // Branch deletion arrives as its own event.

@@ -58,6 +58,16 @@ struct PushPayload {
     after: Option<String>,
     #[serde(default)]
     deleted: bool,
+    #[serde(default)]
+    before: Option<String>,
+    #[serde(default)]
+    repository: Option<Repository>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Repository {
+    #[serde(default)]
+    pub(crate) full_name: Option<String>,
 }
 
 /// The JSON document of a verified body: as is, or the `payload` field of a form body.
@@ -85,7 +95,9 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
             Ok(Intake::Push(Some(vec![RefUpdate {
                 deleted: push.deleted || push.after.as_deref() == Some(ZERO_SHA),
                 git_ref: push.git_ref,
+                before: push.before,
                 after: push.after,
+                repository: push.repository.and_then(|r| r.full_name),
             }])))
         }
         other => Ok(Intake::Ignored(format!(
@@ -196,8 +208,10 @@ mod tests {
         ]);
         let expected = Intake::Push(Some(vec![RefUpdate {
             git_ref: "refs/heads/master".into(),
+            before: Some("0000000000000000000000000000000000000000".into()),
             after: Some("6113728f27ae82c7b1a177c8d03f9e96e0adf246".into()),
             deleted: false,
+            repository: Some("Codertocat/Hello-World".into()),
         }]));
         assert_eq!(parse(&h, body).expect("json push parses"), expected);
 
@@ -222,7 +236,19 @@ mod tests {
         let tag = include_bytes!("../../fixtures/webhooks/github-push-tag-created.json");
         let h = headers(&[("x-github-event", "push")]);
         match parse(&h, tag).expect("tag push parses") {
-            Intake::Push(Some(refs)) => assert_eq!(refs[0].git_ref, "refs/tags/simple-tag"),
+            Intake::Push(Some(refs)) => {
+                let r = &refs[0];
+                assert_eq!(r.git_ref, "refs/tags/simple-tag");
+                assert_eq!(
+                    r.before.as_deref(),
+                    Some("0000000000000000000000000000000000000000")
+                );
+                assert_eq!(
+                    r.after.as_deref(),
+                    Some("6113728f27ae82c7b1a177c8d03f9e96e0adf246")
+                );
+                assert_eq!(r.repository.as_deref(), Some("Codertocat/Hello-World"));
+            }
             other => panic!("expected a push, got {other:?}"),
         }
         let ping = include_bytes!("../../fixtures/webhooks/github-ping.json");

@@ -87,6 +87,24 @@ struct PushPayload {
     git_ref: String,
     #[serde(default)]
     after: Option<String>,
+    #[serde(default)]
+    before: Option<String>,
+    #[serde(default)]
+    project: Option<Project>,
+    #[serde(default)]
+    repository: Option<NamedRepository>,
+}
+
+#[derive(Deserialize)]
+struct Project {
+    #[serde(default)]
+    path_with_namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct NamedRepository {
+    #[serde(default)]
+    name: Option<String>,
 }
 
 pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
@@ -98,7 +116,12 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
             Ok(Intake::Push(Some(vec![RefUpdate {
                 deleted: push.after.as_deref() == Some(ZERO_SHA),
                 git_ref: push.git_ref,
+                before: push.before,
                 after: push.after,
+                repository: push
+                    .project
+                    .and_then(|p| p.path_with_namespace)
+                    .or(push.repository.and_then(|r| r.name)),
             }])))
         }
         other => Ok(Intake::Ignored(format!(
@@ -185,8 +208,10 @@ mod tests {
             parse(&h, body),
             Ok(Intake::Push(Some(vec![RefUpdate {
                 git_ref: "refs/heads/master".into(),
+                before: Some("0000000000000000000000000000000000000000".into()),
                 after: Some("da1560886d4f094c3e6c9ef40349f7d38b5d27d7".into()),
-                deleted: false
+                deleted: false,
+                repository: Some("Diaspora".into()),
             }])))
         );
     }

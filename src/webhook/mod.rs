@@ -27,9 +27,12 @@ use crate::config::{HmacAlgorithm, Provider, Secret, WebhookConfig};
 pub struct RefUpdate {
     /// Full ref name, `refs/heads/main`.
     pub git_ref: String,
-    /// New commit, when the payload says (hint only).
+    /// Previous and new commit, when the payload says (hints only: git decides).
+    pub before: Option<String>,
     pub after: Option<String>,
     pub deleted: bool,
+    /// The repository the forge says this is (`owner/name`), for logs.
+    pub repository: Option<String>,
 }
 
 /// What a verified webhook asks for.
@@ -281,6 +284,13 @@ pub async fn handle(
         }
     })?;
     let span = tracing::info_span!("webhook", repo = %repo, provider = delivery.provider, delivery = delivery.id.as_deref().unwrap_or("-"));
+    if let Intake::Push(Some(refs)) = &delivery.intake {
+        let forge_repo = refs
+            .iter()
+            .find_map(|r| r.repository.as_deref())
+            .unwrap_or("-");
+        tracing::debug!(parent: &span, forge_repo, refs = refs.len(), "push received");
+    }
     let _enter = span.enter();
     let reply =
         |status: StatusCode, body: serde_json::Value| Ok((status, Json(body)).into_response());
