@@ -166,14 +166,7 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, v.parse().expect("valid header value"));
-        }
-        h
-    }
+    use crate::webhook::test_headers as headers;
 
     // Shapes follow Atlassian's documented event payloads (trimmed); there is no file list.
     const CLOUD: &str = r#"{"push":{"changes":[

@@ -119,14 +119,7 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, v.parse().expect("valid header value"));
-        }
-        h
-    }
+    use crate::webhook::test_headers as headers;
 
     #[test]
     fn githubs_documented_test_vector_verifies() {

@@ -133,14 +133,7 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Intake, WebhookError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, v.parse().expect("valid header value"));
-        }
-        h
-    }
+    use crate::webhook::test_headers as headers;
 
     #[test]
     fn token_must_match_exactly_and_rotation_accepts_both() {

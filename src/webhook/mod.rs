@@ -359,17 +359,20 @@ pub async fn handle(
     }
 }
 
+/// Builds a header map from pairs (tests of every forge module use it).
+#[cfg(test)]
+pub(crate) fn test_headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.insert(*k, v.parse().expect("valid header value"));
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, v.parse().expect("valid header value"));
-        }
-        h
-    }
+    use crate::webhook::test_headers as headers;
 
     #[test]
     fn a_request_without_forge_headers_is_unauthorized() {
