@@ -41,6 +41,16 @@ pub enum GitError {
     },
 }
 
+/// Maps a libgit2 error while reading the mirror to one naming the repo and what was read.
+fn read_error(repo: &RepoConfig, what: &'static str) -> impl FnOnce(git2::Error) -> GitError {
+    let name = repo.name.clone();
+    move |source| GitError::Read {
+        repo: name,
+        what: what.to_string(),
+        source,
+    }
+}
+
 /// Where the mirror of `repo` lives.
 pub fn mirror_path(data_dir: &Path, repo: &str) -> PathBuf {
     data_dir.join("mirrors").join(format!("{repo}.git"))
@@ -60,15 +70,7 @@ pub fn sync(
     if last == Some(head.to_string().as_str()) {
         return Ok(None);
     }
-    let read = |what: &str| {
-        let what = what.to_string();
-        let name = repo.name.clone();
-        move |source| GitError::Read {
-            repo: name,
-            what,
-            source,
-        }
-    };
+    let read = |what: &'static str| read_error(repo, what);
     let new_commit = mirror.find_commit(head).map_err(read("new head commit"))?;
     let new_tree = new_commit.tree().map_err(read("new head tree"))?;
     let tree_of = |commit: Option<&str>| match commit.map(Oid::from_str) {
@@ -131,15 +133,7 @@ fn diff_topics(
     old_tree: Option<&git2::Tree<'_>>,
     new_tree: &git2::Tree<'_>,
 ) -> Result<BTreeMap<String, Vec<ChangedFile>>, GitError> {
-    let read = |what: &str| {
-        let what = what.to_string();
-        let name = repo.name.clone();
-        move |source| GitError::Read {
-            repo: name,
-            what,
-            source,
-        }
-    };
+    let read = |what: &'static str| read_error(repo, what);
     let mut opts = DiffOptions::new();
     opts.include_typechange(true);
     let mut diff = mirror
