@@ -327,3 +327,74 @@ async fn a_broken_file_holds_its_topic_back_until_fixed() {
         .await;
     assert_eq!(topic["version"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_repos_cannot_publish_the_same_topic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = config_repo(dir.path());
+    let two = util::ConfigRepo::init(&dir.path().join("two.git")).expect("second repo");
+    two.commit(
+        "main",
+        &[("other/x.toml", Some(b"x = 1\n".as_slice()))],
+        "two",
+    )
+    .expect("commit");
+    let data = dir.path().join("data");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[[repos]]\nname = \"two\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
+        data.display(),
+        one.url(),
+        two.url()
+    );
+    let server = TestServer::start_toml(data, toml).await;
+    server.wait_topic("other", |v| v["version"] == 1).await;
+    server.wait_topic("payments", |v| v["version"] == 1).await;
+    let (mut i, _) = Instance::subscribed(&server, "t", &["payments"]).await;
+    // Repo `two` now writes into `payments`, which repo `cfg` publishes.
+    two.commit(
+        "main",
+        &[("payments/evil.toml", Some(b"port = 1\n".as_slice()))],
+        "collide",
+    )
+    .expect("commit");
+    let reply = server
+        .http
+        .post(server.url("/api/v1/repos/two/sync"))
+        .send()
+        .await
+        .expect("sync");
+    assert_eq!(reply.status().as_u16(), 202);
+    let repos = tokio::time::timeout(util::WAIT, async {
+        loop {
+            let (_, v) = server.get("/api/v1/repos").await;
+            if v["repos"][1]["rejections"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the collision is recorded");
+    let r = &repos["repos"][1]["rejections"][0];
+    assert_eq!(repos["repos"][1]["name"], "two");
+    assert_eq!(r["topic"], "payments");
+    assert!(
+        r["message"]
+            .as_str()
+            .expect("message")
+            .contains("published by repo `cfg`"),
+        "{r}"
+    );
+    assert!(
+        i.maybe_next(Duration::from_millis(300)).await.is_none(),
+        "nothing from repo two reached payments"
+    );
+    let topic = server.wait_topic("payments", |_| true).await;
+    assert_eq!(
+        (topic["version"].as_u64(), topic["repo"].as_str()),
+        (Some(1), Some("cfg"))
+    );
+}

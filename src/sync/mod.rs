@@ -169,15 +169,27 @@ impl Job {
         outcome: &mut SyncOutcome,
         last: Option<&str>,
         withheld: &BTreeMap<String, String>,
+        owners: &BTreeMap<String, String>,
     ) {
         let rules = &self.repo.rules;
         let mut keep = Vec::with_capacity(outcome.topics.len());
         for change in std::mem::take(&mut outcome.topics) {
-            let problem = change.files.iter().find_map(|f| {
-                let bytes = f.content.as_deref()?;
-                validate::check(rules.format_of(&f.path), bytes)
-                    .err()
-                    .map(|p| (f.path.clone(), p))
+            // Topic names are global: a topic another repo publishes is never mixed with ours.
+            let foreign = owners.get(&change.topic).filter(|owner| **owner != self.repo.name).map(|owner| {
+                let path = change.files.first().map(|f| f.path.clone()).unwrap_or_default();
+                let message = format!(
+                    "topic `{}` is published by repo `{owner}`; two repos cannot share a topic (change repos.topics)",
+                    change.topic
+                );
+                (path, validate::Problem { line: None, message })
+            });
+            let problem = foreign.or_else(|| {
+                change.files.iter().find_map(|f| {
+                    let bytes = f.content.as_deref()?;
+                    validate::check(rules.format_of(&f.path), bytes)
+                        .err()
+                        .map(|p| (f.path.clone(), p))
+                })
             });
             match problem {
                 Some((path, p)) => {
@@ -256,7 +268,15 @@ impl Job {
             tracing::debug!(repo = %self.repo.name, "head unchanged");
             return Ok(());
         };
-        self.validate(&mut outcome, last.as_deref(), &withheld);
+        let owners: BTreeMap<String, String> = self
+            .store
+            .topics()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|t| (t.topic, t.repo))
+            .collect();
+        self.validate(&mut outcome, last.as_deref(), &withheld, &owners);
         let changes = self
             .store
             .publish(&outcome)
