@@ -238,7 +238,14 @@ struct InstanceTopic {
 
 async fn instance_views(app: &App) -> Result<Vec<InstanceView>, AppError> {
     let topics = app.store.topics().await?;
-    let acks = app.store.acks().await?;
+    // Indexed once: every instance looks up its ack per topic.
+    let acks: std::collections::HashMap<(String, String), AckRecord> = app
+        .store
+        .acks()
+        .await?
+        .into_iter()
+        .map(|a| ((a.instance.clone(), a.topic.clone()), a))
+        .collect();
     let views = app
         .store
         .instances()
@@ -254,9 +261,7 @@ async fn instance_views(app: &App) -> Result<Vec<InstanceView>, AppError> {
                         .any(|p| topic_matches(p, &t.topic))
                 })
                 .map(|t| {
-                    let ack = acks
-                        .iter()
-                        .find(|a| a.instance == record.id && a.topic == t.topic);
+                    let ack = acks.get(&(record.id.clone(), t.topic.clone()));
                     let status = match ack {
                         None => "pending",
                         Some(a) if a.status == AckStatus::Failed => "failed",
