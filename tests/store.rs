@@ -351,6 +351,46 @@ mod contract {
         assert_eq!((head, none.len()), (4, 0));
     }
 
+    /// More topics than one query binds: every snapshot still carries its own files, and the
+    /// filter decides which topics are read.
+    pub async fn snapshots_of_many_topics_carry_each_topics_files(store: Arc<dyn Store>) {
+        let names: Vec<String> = (0..1_203).map(|i| format!("t{i:04}")).collect();
+        let topics = names
+            .iter()
+            .map(|n| {
+                let path = format!("{n}/c.toml");
+                (
+                    n.as_str(),
+                    vec![added(&path, format!("n = \"{n}\"\n").as_bytes())],
+                )
+            })
+            .collect();
+        store
+            .publish(&outcome("cfg", "c1", topics))
+            .await
+            .expect("publish");
+        let (head, all) = store.snapshots(&|_| true).await.expect("snapshots");
+        assert_eq!(head, 1_203);
+        assert_eq!(all.len(), 1_203);
+        for snapshot in &all {
+            assert_eq!(
+                snapshot_files(snapshot),
+                vec![(
+                    format!("{}/c.toml", snapshot.topic),
+                    format!("n = \"{}\"\n", snapshot.topic).into_bytes()
+                )],
+            );
+        }
+        let (_, some) = store
+            .snapshots(&|t| t.ends_with('7'))
+            .await
+            .expect("filtered snapshots");
+        assert_eq!(some.len(), 120);
+        assert!(some
+            .iter()
+            .all(|s| s.topic.ends_with('7') && s.files.len() == 1));
+    }
+
     pub async fn acks_are_checked_against_the_topic_version(store: Arc<dyn Store>) {
         for commit in ["c1", "c2"] {
             store
@@ -791,6 +831,7 @@ on_every_store!(
     publish_numbers_changes_consecutively_and_versions_each_topic,
     events_after_pages_through_the_log_in_order,
     snapshots_follow_adds_modifies_renames_and_deletes,
+    snapshots_of_many_topics_carry_each_topics_files,
     acks_are_checked_against_the_topic_version,
     remember_delivery_detects_a_redelivery,
     trim_keeps_the_most_recent_events_and_all_topic_state,

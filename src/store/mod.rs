@@ -6,6 +6,7 @@
 //! with no gap, so a reader that has seen `n` knows exactly what it has not seen.
 
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -283,9 +284,9 @@ impl RepoLock {
 /// Opens the store named by `url`, creating and migrating it when needed.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+        Ok(Arc::new(sqlite::open(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(postgres::PgStore::open(url).await?))
+        Ok(Arc::new(postgres::open(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.to_string()))
     }

@@ -1,0 +1,815 @@
+//! The store's logic, written once: every query, every transaction and every row mapping of
+//! [`Store`], generic over the sqlx database it runs on.
+//!
+//! The SQL here is the subset SQLite and PostgreSQL both accept: numbered `$n` parameters,
+//! `INSERT ... ON CONFLICT`, `RETURNING`, `true`/`false`, `CAST(.. AS TEXT)`. What really differs
+//! lives in a [`Backend`]: its migrations and how they are recorded, how a snapshot read begins,
+//! how a repo is locked, how the other replicas are woken after a publish, and what a restarted
+//! replica resets. Adding a table and its queries is one change here plus one migration entry.
+//!
+//! Why a generic implementation over `sqlx::Database` and not sqlx's `Any` driver or a query
+//! builder: the queries stay checked against each concrete driver's types (`bool`, `BYTEA`/`BLOB`,
+//! `BIGINT`), rows are decoded without `Any`'s owned intermediate copy of every value (the replay
+//! path reads frames in bulk), and `Any` cannot decode a SQLite integer as a `bool`. A query
+//! builder would add a dependency to express SQL both databases already share.
+//!
+//! It must never hand out a sequence number outside the transaction that writes the event.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::{
+    ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Transaction, Type,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    log_entry, now_ms, AckRecord, AckRejection, ChangedFile, HistoryEntry, HistoryFile,
+    InstanceRecord, LogEntry, LoggedEvent, Rejection, RepoLock, RepoRecord, Store, StoreError,
+    SyncOutcome, TopicSummary,
+};
+use crate::protocol::{AckStatus, Change, FileStatus, Snapshot, SnapshotFile};
+
+/// How many webhook delivery ids are remembered for redelivery detection.
+const DELIVERIES_KEPT: i64 = 10_000;
+
+/// How many topic names one `IN (...)` list binds: well under both databases' parameter limits.
+const NAMES_PER_QUERY: usize = 500;
+
+/// One schema step. Most are the same text for both databases; a step whose column types differ
+/// (`BLOB`/`BYTEA`, autoincrement/identity) gives each its own.
+pub struct Migration {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+impl Migration {
+    /// A step both databases run as written.
+    pub const fn same(sql: &'static str) -> Migration {
+        Migration {
+            sqlite: sql,
+            postgres: sql,
+        }
+    }
+}
+
+/// The schema, in order. A database records how many steps it ran, so a step is never edited once
+/// released: a change to the schema is a new step at the end.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        sqlite: r#"
+CREATE TABLE log_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
+INSERT INTO log_head (id, seq) VALUES (1, 0);
+CREATE TABLE repos (name TEXT PRIMARY KEY, head TEXT NOT NULL, synced_at INTEGER NOT NULL);
+CREATE TABLE topics (
+    name TEXT PRIMARY KEY, repo TEXT NOT NULL, version INTEGER NOT NULL, seq INTEGER NOT NULL,
+    commit_id TEXT NOT NULL, updated_at INTEGER NOT NULL);
+CREATE TABLE topic_files (
+    topic TEXT NOT NULL, path TEXT NOT NULL, sha TEXT NOT NULL, content BLOB NOT NULL,
+    PRIMARY KEY (topic, path));
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, version INTEGER NOT NULL, repo TEXT NOT NULL,
+    commit_id TEXT NOT NULL, author TEXT NOT NULL, message TEXT NOT NULL, files TEXT NOT NULL,
+    created_at INTEGER NOT NULL, frame TEXT NOT NULL);
+CREATE INDEX events_by_topic ON events (topic, seq);
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY, app TEXT, labels TEXT NOT NULL, subscriptions TEXT NOT NULL,
+    connected INTEGER NOT NULL, connection TEXT, node TEXT, last_seen INTEGER NOT NULL);
+CREATE TABLE acks (
+    instance TEXT NOT NULL, topic TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
+    error TEXT, acked_at INTEGER NOT NULL, PRIMARY KEY (instance, topic));
+"#,
+        postgres: r#"
+CREATE TABLE log_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL);
+INSERT INTO log_head (id, seq) VALUES (1, 0);
+CREATE TABLE repos (name TEXT PRIMARY KEY, head TEXT NOT NULL, synced_at BIGINT NOT NULL);
+CREATE TABLE topics (
+    name TEXT PRIMARY KEY, repo TEXT NOT NULL, version BIGINT NOT NULL, seq BIGINT NOT NULL,
+    commit_id TEXT NOT NULL, updated_at BIGINT NOT NULL);
+CREATE TABLE topic_files (
+    topic TEXT NOT NULL, path TEXT NOT NULL, sha TEXT NOT NULL, content BYTEA NOT NULL,
+    PRIMARY KEY (topic, path));
+CREATE TABLE events (
+    seq BIGINT PRIMARY KEY, topic TEXT NOT NULL, version BIGINT NOT NULL, repo TEXT NOT NULL,
+    commit_id TEXT NOT NULL, author TEXT NOT NULL, message TEXT NOT NULL, files TEXT NOT NULL,
+    created_at BIGINT NOT NULL, frame TEXT NOT NULL);
+CREATE INDEX events_by_topic ON events (topic, seq);
+CREATE TABLE instances (
+    id TEXT PRIMARY KEY, app TEXT, labels TEXT NOT NULL, subscriptions TEXT NOT NULL,
+    connected BOOLEAN NOT NULL, connection TEXT, node TEXT, last_seen BIGINT NOT NULL);
+CREATE TABLE acks (
+    instance TEXT NOT NULL, topic TEXT NOT NULL, version BIGINT NOT NULL, status TEXT NOT NULL,
+    error TEXT, acked_at BIGINT NOT NULL, PRIMARY KEY (instance, topic));
+"#,
+    },
+    Migration {
+        sqlite: r#"
+CREATE TABLE deliveries (
+    n INTEGER PRIMARY KEY AUTOINCREMENT, repo TEXT NOT NULL, provider TEXT NOT NULL, id TEXT NOT NULL,
+    received_at INTEGER NOT NULL, UNIQUE (repo, provider, id));
+"#,
+        postgres: r#"
+CREATE TABLE deliveries (
+    n BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, repo TEXT NOT NULL, provider TEXT NOT NULL,
+    id TEXT NOT NULL, received_at BIGINT NOT NULL, UNIQUE (repo, provider, id));
+"#,
+    },
+    Migration::same(
+        r#"
+CREATE TABLE rejections (
+    repo TEXT NOT NULL, topic TEXT NOT NULL, base_commit TEXT NOT NULL, commit_id TEXT NOT NULL,
+    author TEXT NOT NULL, path TEXT NOT NULL, line BIGINT, message TEXT NOT NULL, at BIGINT NOT NULL,
+    PRIMARY KEY (repo, topic));
+"#,
+    ),
+];
+
+/// `rows_affected()` is inherent on each driver's query result, not part of `sqlx::Database`.
+pub trait RowsAffected {
+    fn rows(&self) -> u64;
+}
+
+/// What differs per database. Everything else is [`SqlStore`].
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    type Db: Database;
+
+    /// The statement that opens a read transaction whose statements all see one moment of the
+    /// database; `None` when a plain transaction already does (SQLite in WAL mode).
+    const SNAPSHOT_BEGIN: Option<&'static str>;
+
+    /// Runs the [`MIGRATIONS`] this database has not run yet.
+    async fn migrate(&self, pool: &Pool<Self::Db>) -> Result<(), StoreError>;
+
+    /// Called inside a publish transaction that appended up to `head`, before it commits.
+    async fn published(
+        &self,
+        tx: &mut Transaction<'static, Self::Db>,
+        head: u64,
+    ) -> Result<(), StoreError>;
+
+    async fn lock_repo(&self, pool: &Pool<Self::Db>, repo: &str) -> Result<RepoLock, StoreError>;
+
+    /// Marks disconnected what replica `node`'s previous run had connected.
+    async fn reset_node(&self, pool: &Pool<Self::Db>, node: &str) -> Result<(), StoreError>;
+
+    /// See [`Store::watch`].
+    async fn watch(&self, wake: Arc<Notify>, shutdown: CancellationToken);
+}
+
+/// The [`Store`] over one database `B` drives.
+pub struct SqlStore<B: Backend> {
+    pool: Pool<B::Db>,
+    backend: B,
+}
+
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn nonnegative(column: &str, v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {column}: {v}")))
+}
+
+/// `$first, $first+1, ...` for `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl<B: Backend> SqlStore<B> {
+    /// Wraps an open pool and brings its schema up to date.
+    pub async fn new(pool: Pool<B::Db>, backend: B) -> Result<SqlStore<B>, StoreError> {
+        backend.migrate(&pool).await?;
+        Ok(SqlStore { pool, backend })
+    }
+}
+
+// The bounds below say "the driver can run these queries and bind and read these Rust types";
+// they are the same on the two impl blocks and both drivers meet them.
+impl<B> SqlStore<B>
+where
+    B: Backend,
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> String: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> &'q [u8]: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> i64: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> bool: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> Option<&'q str>: Encode<'q, B::Db>,
+    for<'q> Option<i64>: Encode<'q, B::Db>,
+    for<'r> String: Decode<'r, B::Db>,
+    for<'r> &'r str: Decode<'r, B::Db>,
+    for<'r> &'r [u8]: Decode<'r, B::Db>,
+    for<'r> i64: Decode<'r, B::Db>,
+    for<'r> bool: Decode<'r, B::Db>,
+    for<'a> &'a str: ColumnIndex<<B::Db as Database>::Row>,
+    <B::Db as Database>::QueryResult: RowsAffected,
+{
+    fn u64_at(row: &<B::Db as Database>::Row, column: &str) -> Result<u64, StoreError> {
+        nonnegative(column, row.try_get(column)?)
+    }
+
+    async fn apply_files(
+        tx: &mut Transaction<'static, B::Db>,
+        topic: &str,
+        files: &[ChangedFile],
+    ) -> Result<(), StoreError> {
+        const DELETE: &str = "DELETE FROM topic_files WHERE topic = $1 AND path = $2";
+        for file in files {
+            if let Some(old) = &file.old_path {
+                sqlx::query(DELETE)
+                    .bind(topic)
+                    .bind(old.as_str())
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            match (&file.status, &file.content) {
+                (FileStatus::Deleted, _) | (_, None) => {
+                    sqlx::query(DELETE)
+                        .bind(topic)
+                        .bind(file.path.as_str())
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                (_, Some(content)) => {
+                    sqlx::query(
+                        "INSERT INTO topic_files (topic, path, sha, content) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (topic, path) DO UPDATE SET sha = excluded.sha, content = excluded.content",
+                    )
+                    .bind(topic)
+                    .bind(file.path.as_str())
+                    .bind(file.sha.as_str())
+                    .bind(content.as_slice())
+                    .execute(&mut **tx)
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ack_rows(&self, instance: Option<&str>) -> Result<Vec<AckRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT instance, topic, version, status, error, acked_at FROM acks
+             WHERE CAST($1 AS TEXT) IS NULL OR instance = $1 ORDER BY instance, topic",
+        )
+        .bind(instance)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let status: &str = r.try_get("status")?;
+                Ok(AckRecord {
+                    instance: r.try_get("instance")?,
+                    topic: r.try_get("topic")?,
+                    version: Self::u64_at(r, "version")?,
+                    status: AckStatus::parse(status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("ack status {status}")))?,
+                    error: r.try_get("error")?,
+                    acked_at_ms: r.try_get("acked_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The files of each of `topics`, read inside the snapshot transaction `tx`.
+    async fn snapshot_files(
+        tx: &mut Transaction<'static, B::Db>,
+        topics: &[&str],
+    ) -> Result<BTreeMap<String, Vec<SnapshotFile>>, StoreError> {
+        let mut files: BTreeMap<String, Vec<SnapshotFile>> = BTreeMap::new();
+        for names in topics.chunks(NAMES_PER_QUERY) {
+            let sql = format!(
+                "SELECT topic, path, sha, content FROM topic_files WHERE topic IN ({})
+                 ORDER BY topic, path",
+                placeholders(1, names.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for name in names {
+                query = query.bind(*name);
+            }
+            for f in query.fetch_all(&mut **tx).await? {
+                let (content, encoding) =
+                    crate::protocol::encode_content(f.try_get::<&[u8], _>("content")?);
+                files
+                    .entry(f.try_get("topic")?)
+                    .or_default()
+                    .push(SnapshotFile {
+                        path: f.try_get("path")?,
+                        sha: f.try_get("sha")?,
+                        content,
+                        encoding,
+                    });
+            }
+        }
+        Ok(files)
+    }
+}
+
+#[async_trait]
+impl<B> Store for SqlStore<B>
+where
+    B: Backend,
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> String: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> &'q [u8]: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> i64: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> bool: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> Option<&'q str>: Encode<'q, B::Db>,
+    for<'q> Option<i64>: Encode<'q, B::Db>,
+    for<'r> String: Decode<'r, B::Db>,
+    for<'r> &'r str: Decode<'r, B::Db>,
+    for<'r> &'r [u8]: Decode<'r, B::Db>,
+    for<'r> i64: Decode<'r, B::Db>,
+    for<'r> bool: Decode<'r, B::Db>,
+    for<'a> &'a str: ColumnIndex<<B::Db as Database>::Row>,
+    <B::Db as Database>::QueryResult: RowsAffected,
+{
+    async fn repo_head(&self, repo: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT head FROM repos WHERE name = $1")
+            .bind(repo)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("head")).transpose()?)
+    }
+
+    async fn repos(&self) -> Result<Vec<RepoRecord>, StoreError> {
+        let rows = sqlx::query("SELECT name, head, synced_at FROM repos ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RepoRecord {
+                    name: r.try_get("name")?,
+                    head: r.try_get("head")?,
+                    synced_at_ms: r.try_get("synced_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn publish(&self, outcome: &SyncOutcome) -> Result<Vec<Change>, StoreError> {
+        let now = now_ms();
+        let count = u64::try_from(outcome.topics.len()).unwrap_or(u64::MAX);
+        let mut tx = self.pool.begin().await?;
+        // Every publisher's first statement writes the log head's row. That takes SQLite's write
+        // lock, and on PostgreSQL the row lock: a publisher elsewhere waits here until this
+        // transaction ends, so sequence numbers are committed in the order they are handed out (a
+        // reader never sees n + 1 without n), and a rollback gives its numbers back. Taking it
+        // first, always, also keeps the order in which publishers lock other rows the same, so
+        // they cannot deadlock.
+        let head_row = sqlx::query("UPDATE log_head SET seq = seq + $1 WHERE id = 1 RETURNING seq")
+            .bind(to_i64(count))
+            .fetch_one(&mut *tx)
+            .await?;
+        let head = Self::u64_at(&head_row, "seq")?;
+        let mut seq = head
+            .checked_sub(count)
+            .ok_or_else(|| StoreError::Corrupt(format!("log head {head} below {count}")))?;
+        sqlx::query(
+            "INSERT INTO repos (name, head, synced_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET head = excluded.head, synced_at = excluded.synced_at",
+        )
+        .bind(outcome.repo.as_str())
+        .bind(outcome.commit.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let mut changes = Vec::with_capacity(outcome.topics.len());
+        for tc in &outcome.topics {
+            // Consistent without a lock of its own: only publishers write topics, and they are
+            // serialized by the log head above.
+            let previous = sqlx::query("SELECT version FROM topics WHERE name = $1")
+                .bind(tc.topic.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let previous_version = match previous {
+                None => 0,
+                Some(row) => Self::u64_at(&row, "version")?,
+            };
+            seq += 1;
+            let LogEntry {
+                change,
+                frame,
+                files,
+            } = log_entry(outcome, tc, seq, previous_version)?;
+            sqlx::query(
+                "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(to_i64(seq))
+            .bind(tc.topic.as_str())
+            .bind(to_i64(change.version))
+            .bind(outcome.repo.as_str())
+            .bind(outcome.commit.as_str())
+            .bind(outcome.author.as_str())
+            .bind(outcome.message.as_str())
+            .bind(files)
+            .bind(now)
+            .bind(frame)
+            .execute(&mut *tx)
+            .await?;
+            Self::apply_files(&mut tx, &tc.topic, &tc.files).await?;
+            sqlx::query(
+                "INSERT INTO topics (name, repo, version, seq, commit_id, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (name) DO UPDATE SET repo = excluded.repo, version = excluded.version,
+                   seq = excluded.seq, commit_id = excluded.commit_id, updated_at = excluded.updated_at",
+            )
+            .bind(tc.topic.as_str())
+            .bind(outcome.repo.as_str())
+            .bind(to_i64(change.version))
+            .bind(to_i64(seq))
+            .bind(outcome.commit.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            changes.push(change);
+        }
+        for topic in &outcome.cleared {
+            sqlx::query("DELETE FROM rejections WHERE repo = $1 AND topic = $2")
+                .bind(outcome.repo.as_str())
+                .bind(topic.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        for r in &outcome.rejected {
+            sqlx::query(
+                "INSERT INTO rejections (repo, topic, base_commit, commit_id, author, path, line, message, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (repo, topic) DO UPDATE SET commit_id = excluded.commit_id, author = excluded.author,
+                   path = excluded.path, line = excluded.line, message = excluded.message, at = excluded.at",
+            )
+            .bind(r.repo.as_str())
+            .bind(r.topic.as_str())
+            .bind(r.base_commit.as_str())
+            .bind(r.commit.as_str())
+            .bind(r.author.as_str())
+            .bind(r.path.as_str())
+            .bind(r.line.map(i64::from))
+            .bind(r.message.as_str())
+            .bind(r.at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if count > 0 {
+            self.backend.published(&mut tx, head).await?;
+        }
+        tx.commit().await?;
+        Ok(changes)
+    }
+
+    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<LoggedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, topic, frame FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(to_i64(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LoggedEvent {
+                    seq: Self::u64_at(r, "seq")?,
+                    topic: r.try_get("topic")?,
+                    frame: r.try_get("frame")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn head_seq(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT seq FROM log_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Self::u64_at(&row, "seq")
+    }
+
+    async fn oldest_seq(&self) -> Result<Option<u64>, StoreError> {
+        let row = sqlx::query("SELECT seq FROM events ORDER BY seq LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Self::u64_at(&r, "seq")).transpose()
+    }
+
+    async fn snapshots(
+        &self,
+        filter: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
+    ) -> Result<(u64, Vec<Snapshot>), StoreError> {
+        // One read transaction: the log head and the topic states are the same moment.
+        let mut tx = match B::SNAPSHOT_BEGIN {
+            Some(begin) => self.pool.begin_with(begin).await?,
+            None => self.pool.begin().await?,
+        };
+        let head_row = sqlx::query("SELECT seq FROM log_head WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let head = Self::u64_at(&head_row, "seq")?;
+        let rows = sqlx::query("SELECT name, version, seq, commit_id FROM topics ORDER BY name")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut topics = Vec::new();
+        for row in &rows {
+            let name: String = row.try_get("name")?;
+            if filter(&name) {
+                topics.push(Snapshot {
+                    topic: name,
+                    version: Self::u64_at(row, "version")?,
+                    seq: Self::u64_at(row, "seq")?,
+                    commit: row.try_get("commit_id")?,
+                    files: Vec::new(),
+                });
+            }
+        }
+        let names: Vec<&str> = topics.iter().map(|s| s.topic.as_str()).collect();
+        let mut files = Self::snapshot_files(&mut tx, &names).await?;
+        tx.commit().await?;
+        for snapshot in &mut topics {
+            snapshot.files = files.remove(&snapshot.topic).unwrap_or_default();
+        }
+        Ok((head, topics))
+    }
+
+    async fn topics(&self) -> Result<Vec<TopicSummary>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, repo, version, seq, commit_id, updated_at FROM topics ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TopicSummary {
+                    topic: r.try_get("name")?,
+                    repo: r.try_get("repo")?,
+                    version: Self::u64_at(r, "version")?,
+                    seq: Self::u64_at(r, "seq")?,
+                    commit: r.try_get("commit_id")?,
+                    updated_at_ms: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn topic_history(
+        &self,
+        topic: &str,
+        limit: u32,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, version, commit_id, author, message, files, created_at FROM events
+             WHERE topic = $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(topic)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let files: Vec<HistoryFile> = serde_json::from_str(r.try_get("files")?)
+                    .map_err(|e| StoreError::Corrupt(format!("event files: {e}")))?;
+                Ok(HistoryEntry {
+                    seq: Self::u64_at(r, "seq")?,
+                    version: Self::u64_at(r, "version")?,
+                    commit: r.try_get("commit_id")?,
+                    author: r.try_get("author")?,
+                    message: r.try_get("message")?,
+                    created_at_ms: r.try_get("created_at")?,
+                    files,
+                })
+            })
+            .collect()
+    }
+
+    async fn instance_connected(
+        &self,
+        instance: &str,
+        app: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        connection: &str,
+        node: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO instances (id, app, labels, subscriptions, connected, connection, node, last_seen)
+             VALUES ($1, $2, $3, '[]', true, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET app = excluded.app, labels = excluded.labels, connected = true,
+               connection = excluded.connection, node = excluded.node, last_seen = excluded.last_seen",
+        )
+        .bind(instance)
+        .bind(app)
+        .bind(to_json(labels)?)
+        .bind(connection)
+        .bind(node)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn instance_subscriptions(
+        &self,
+        instance: &str,
+        patterns: &[String],
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE instances SET subscriptions = $2, last_seen = $3 WHERE id = $1")
+            .bind(instance)
+            .bind(to_json(patterns)?)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn instance_disconnected(
+        &self,
+        instance: &str,
+        connection: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE instances SET connected = false, last_seen = $3 WHERE id = $1 AND connection = $2",
+        )
+        .bind(instance)
+        .bind(connection)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, app, labels, subscriptions, connected, node, last_seen FROM instances ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InstanceRecord {
+                    id: r.try_get("id")?,
+                    app: r.try_get("app")?,
+                    labels: serde_json::from_str(r.try_get("labels")?)
+                        .map_err(|e| StoreError::Corrupt(format!("instance labels: {e}")))?,
+                    subscriptions: serde_json::from_str(r.try_get("subscriptions")?)
+                        .map_err(|e| StoreError::Corrupt(format!("instance subscriptions: {e}")))?,
+                    connected: r.try_get("connected")?,
+                    node: r.try_get("node")?,
+                    last_seen_ms: r.try_get("last_seen")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_ack(
+        &self,
+        instance: &str,
+        topic: &str,
+        version: u64,
+        status: AckStatus,
+        error: Option<&str>,
+    ) -> Result<Result<(), AckRejection>, StoreError> {
+        let current = sqlx::query("SELECT version FROM topics WHERE name = $1")
+            .bind(topic)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(current) = current else {
+            return Ok(Err(AckRejection::UnknownTopic));
+        };
+        let current = Self::u64_at(&current, "version")?;
+        if version == 0 || version > current {
+            return Ok(Err(AckRejection::UnknownVersion { current }));
+        }
+        sqlx::query(
+            "INSERT INTO acks (instance, topic, version, status, error, acked_at) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (instance, topic) DO UPDATE SET version = excluded.version, status = excluded.status,
+               error = excluded.error, acked_at = excluded.acked_at
+             WHERE excluded.version >= acks.version",
+        )
+        .bind(instance)
+        .bind(topic)
+        .bind(to_i64(version))
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(Ok(()))
+    }
+
+    async fn acks(&self) -> Result<Vec<AckRecord>, StoreError> {
+        self.ack_rows(None).await
+    }
+
+    async fn remember_delivery(
+        &self,
+        repo: &str,
+        provider: &str,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO deliveries (repo, provider, id, received_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (repo, provider, id) DO NOTHING",
+        )
+        .bind(repo)
+        .bind(provider)
+        .bind(id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows();
+        if inserted == 1 {
+            // Numbers can skip (rolled-back inserts), so this keeps at most, not exactly, the
+            // last DELIVERIES_KEPT ids: the bound is what matters.
+            sqlx::query("DELETE FROM deliveries WHERE n <= (SELECT MAX(n) FROM deliveries) - $1")
+                .bind(DELIVERIES_KEPT)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(inserted == 1)
+    }
+
+    async fn rejections(&self, repo: &str) -> Result<Vec<Rejection>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT repo, topic, base_commit, commit_id, author, path, line, message, at FROM rejections
+             WHERE repo = $1 ORDER BY topic",
+        )
+        .bind(repo)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Rejection {
+                    repo: r.try_get("repo")?,
+                    topic: r.try_get("topic")?,
+                    base_commit: r.try_get("base_commit")?,
+                    commit: r.try_get("commit_id")?,
+                    author: r.try_get("author")?,
+                    path: r.try_get("path")?,
+                    line: r
+                        .try_get::<Option<i64>, _>("line")?
+                        .and_then(|l| u32::try_from(l).ok()),
+                    message: r.try_get("message")?,
+                    at_ms: r.try_get("at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn acks_of(&self, instance: &str) -> Result<Vec<AckRecord>, StoreError> {
+        self.ack_rows(Some(instance)).await
+    }
+
+    async fn trim(&self, max_events: u64, max_age_ms: i64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        if max_events > 0 {
+            removed += sqlx::query(
+                "DELETE FROM events WHERE seq <= (SELECT seq FROM log_head WHERE id = 1) - $1",
+            )
+            .bind(to_i64(max_events))
+            .execute(&self.pool)
+            .await?
+            .rows();
+        }
+        if max_age_ms > 0 {
+            removed += sqlx::query("DELETE FROM events WHERE created_at < $1")
+                .bind(now_ms() - max_age_ms)
+                .execute(&self.pool)
+                .await?
+                .rows();
+        }
+        Ok(removed)
+    }
+
+    async fn lock_repo(&self, repo: &str) -> Result<RepoLock, StoreError> {
+        self.backend.lock_repo(&self.pool, repo).await
+    }
+
+    async fn reset_node(&self, node: &str) -> Result<(), StoreError> {
+        self.backend.reset_node(&self.pool, node).await
+    }
+
+    async fn watch(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
+        self.backend.watch(wake, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::placeholders;
+
+    #[test]
+    fn placeholders_number_from_the_first() {
+        assert_eq!(placeholders(1, 3), "$1, $2, $3");
+        assert_eq!(placeholders(4, 1), "$4");
+        assert_eq!(placeholders(1, 0), "");
+    }
+}
