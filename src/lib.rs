@@ -4,12 +4,19 @@
 //! - [`webhook`]: verify a forge's signed push, then wake the repo's syncer (never waits for git).
 //! - [`sync`]: one worker per repo fetches with git2, diffs the last published commit against the
 //!   new head and maps changed files to topics ([`sync::rules`]).
-//! - [`store`]: the event log with a gap-free sequence, topic state, instances and acks (SQLite
-//!   embedded, PostgreSQL for several replicas: LISTEN/NOTIFY wakes the others, an advisory lock
-//!   keeps one syncer per repo).
+//! - [`store`]: the event log with a gap-free sequence, topic state, instances and acks, written
+//!   once in [`store::sql`] (SQLite embedded, PostgreSQL for several replicas: LISTEN/NOTIFY wakes
+//!   the others, an advisory lock keeps one syncer per repo).
 //! - [`hub`]: reads the log in order and fans each change out as one shared frame; runs each
 //!   instance's WebSocket ([`hub::connection`]).
-//! - [`api`]: the router: webhooks, `/ws`, the JSON query API, health probes.
+//! - [`app`]: the shared state and the one error type, below every handler.
+//! - [`api`]: on top: the router (webhooks, `/ws`, the JSON query API, health probes).
+//!
+//! Layers point one way, each using only those below it:
+//! 1. `api::router`, which mounts the handlers;
+//! 2. the handlers: `api`'s query handlers, `webhook::handle`, `hub::connection` (the `/ws` handler);
+//! 3. [`app`]: `App` and `AppError`;
+//! 4. `sync` → `hub` (the fan-out core: `Hub`, `Frame`) → `store` → `protocol`, `config`.
 //! - [`protocol`]: the wire messages shared with [`client`], the embeddable client.
 //! - [`agent`]: `confcast agent`, files on disk plus a reload command, built on the client.
 //!
@@ -25,6 +32,8 @@ pub mod client;
 
 #[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "server")]
+pub mod app;
 #[cfg(feature = "server")]
 pub mod bench;
 #[cfg(feature = "server")]
@@ -53,7 +62,8 @@ mod server {
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
-    use crate::api::{router, App};
+    use crate::api::router;
+    use crate::app::App;
     use crate::config::Config;
     use crate::hub::Hub;
     use crate::store::{self, StoreError};

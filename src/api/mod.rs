@@ -1,8 +1,8 @@
 //! The HTTP surface, assembled in one `router()`: webhooks, the WebSocket, the JSON query API and
-//! the health probes. Errors map to status codes in exactly one `impl IntoResponse`.
+//! the health probes, plus the query API's handlers. It sits on top: it imports the webhook and
+//! WebSocket handlers, and nothing below imports it (they share [`crate::app`]).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -11,61 +11,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::hub::Hub;
+use crate::app::{App, AppError, AppState};
 use crate::protocol::{topic_matches, AckStatus};
-use crate::store::{AckRecord, InstanceRecord, Store, StoreError};
-use crate::sync::Syncers;
-
-pub type AppState = Arc<App>;
-
-/// Everything a request handler may need.
-pub struct App {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    pub syncers: Syncers,
-    /// This replica's name, shown next to the instances connected to it.
-    pub node: String,
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unauthorized(String),
-    #[error("request body is larger than the limit of {0} bytes (server.max_body_bytes)")]
-    TooLarge(usize),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Store(#[from] StoreError),
-}
-
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
-        let status = match &self {
-            AppError::NotFound(_) => StatusCode::NOT_FOUND,
-            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            AppError::Store(e) => {
-                tracing::error!(error = %e, "store error while answering a request");
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-        };
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
-    }
-}
+use crate::store::{AckRecord, InstanceRecord};
 
 pub fn router(app: AppState) -> Router {
     Router::new()

@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::Frame;
-use crate::api::{AppError, AppState};
+use crate::app::{AppError, AppState};
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
 use crate::store::AckRejection;
 

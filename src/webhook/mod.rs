@@ -19,7 +19,7 @@ use axum::Json;
 use hmac::{Hmac, Mac};
 use serde_json::json;
 
-use crate::api::{AppError, AppState};
+use crate::app::{AppError, AppState};
 use crate::config::{HmacAlgorithm, Provider, Secret, WebhookConfig};
 
 /// One ref a push moved.
