@@ -116,6 +116,7 @@ async fn a_deleted_then_recreated_branch_keeps_topics_and_resumes() {
             "recreated",
         )
         .expect("commit");
+    let syncs = repos["repos"][0]["syncs"].as_u64().unwrap_or(0);
     server.github_push("main", &c.to_string(), SECRET).await;
     let (a, b) = (i.next_change().await, i.next_change().await);
     assert_eq!(
@@ -126,7 +127,8 @@ async fn a_deleted_then_recreated_branch_keeps_topics_and_resumes() {
         (b.topic.as_str(), b.files[0].status),
         ("payments", FileStatus::Deleted)
     );
-    assert!(server.get("/api/v1/repos").await.1["repos"][0]["last_error"].is_null());
+    // The change reaches instances before the worker records its status: wait for the sync.
+    assert!(server.wait_syncs(syncs + 1).await["last_error"].is_null());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
