@@ -19,7 +19,7 @@ use sqlx::{Connection, PgConnection, Pool, Postgres, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::sql::{Backend, RowsAffected, SqlStore, MIGRATIONS};
+use super::sql::{Backend, ColumnTypes, RowsAffected, SqlStore, MIGRATIONS};
 use super::{RepoLock, StoreError};
 
 /// The channel a publish notifies on commit; its payload (the new log head) is only a hint.
@@ -135,6 +135,13 @@ impl Backend for PgBackend {
     const SNAPSHOT_BEGIN: Option<&'static str> =
         Some("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
 
+    const TYPES: ColumnTypes = ColumnTypes {
+        int: "BIGINT",
+        bool: "BOOLEAN",
+        bytes: "BYTEA",
+        serial: "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    };
+
     /// Applies the missing migrations in one transaction under a transaction-level advisory lock:
     /// replicas starting together queue here, and the first one migrates for all.
     async fn migrate(&self, pool: &Pool<Postgres>) -> Result<(), StoreError> {
@@ -169,7 +176,7 @@ impl Backend for PgBackend {
             );
         }
         for (i, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
-            sqlx::Executor::execute(&mut *tx, migration.postgres).await?;
+            sqlx::Executor::execute(&mut *tx, Self::TYPES.ddl(migration).as_str()).await?;
             sqlx::query("UPDATE confcast_schema SET applied = $1 WHERE id = 1")
                 .bind(i64::try_from(i + 1).unwrap_or(i64::MAX))
                 .execute(&mut *tx)

@@ -3,7 +3,7 @@
 //!
 //! The SQL here is the subset SQLite and PostgreSQL both accept: numbered `$n` parameters,
 //! `INSERT ... ON CONFLICT`, `RETURNING`, `true`/`false`, `CAST(.. AS TEXT)`. What really differs
-//! lives in a [`Backend`]: its migrations and how they are recorded, how a snapshot read begins,
+//! lives in a [`Backend`]: its column types and how it records the migrations it ran, how a snapshot read begins,
 //! how a repo is locked, how the other replicas are woken after a publish, and what a restarted
 //! replica resets. Adding a table and its queries is one change here plus one migration entry.
 //!
@@ -38,93 +38,63 @@ const DELIVERIES_KEPT: i64 = 10_000;
 /// How many topic names one `IN (...)` list binds: well under both databases' parameter limits.
 const NAMES_PER_QUERY: usize = 500;
 
-/// One schema step. Most are the same text for both databases; a step whose column types differ
-/// (`BLOB`/`BYTEA`, autoincrement/identity) gives each its own.
-pub struct Migration {
-    pub sqlite: &'static str,
-    pub postgres: &'static str,
-}
-
-impl Migration {
-    /// A step both databases run as written.
-    pub const fn same(sql: &'static str) -> Migration {
-        Migration {
-            sqlite: sql,
-            postgres: sql,
-        }
-    }
-}
-
-/// The schema, in order. A database records how many steps it ran, so a step is never edited once
-/// released: a change to the schema is a new step at the end.
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        sqlite: r#"
-CREATE TABLE log_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
+/// The schema, in order, written once. Column types that differ are written as tokens each
+/// backend replaces ([`Backend::TYPES`]): `{int}` (a 64-bit integer), `{bool}`, `{bytes}` and
+/// `{serial}` (an auto-numbered 64-bit primary key). A database records how many steps it ran, so
+/// a step is never edited once released: a change to the schema is a new step at the end.
+pub const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE log_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq {int} NOT NULL);
 INSERT INTO log_head (id, seq) VALUES (1, 0);
-CREATE TABLE repos (name TEXT PRIMARY KEY, head TEXT NOT NULL, synced_at INTEGER NOT NULL);
+CREATE TABLE repos (name TEXT PRIMARY KEY, head TEXT NOT NULL, synced_at {int} NOT NULL);
 CREATE TABLE topics (
-    name TEXT PRIMARY KEY, repo TEXT NOT NULL, version INTEGER NOT NULL, seq INTEGER NOT NULL,
-    commit_id TEXT NOT NULL, updated_at INTEGER NOT NULL);
+    name TEXT PRIMARY KEY, repo TEXT NOT NULL, version {int} NOT NULL, seq {int} NOT NULL,
+    commit_id TEXT NOT NULL, updated_at {int} NOT NULL);
 CREATE TABLE topic_files (
-    topic TEXT NOT NULL, path TEXT NOT NULL, sha TEXT NOT NULL, content BLOB NOT NULL,
+    topic TEXT NOT NULL, path TEXT NOT NULL, sha TEXT NOT NULL, content {bytes} NOT NULL,
     PRIMARY KEY (topic, path));
 CREATE TABLE events (
-    seq INTEGER PRIMARY KEY, topic TEXT NOT NULL, version INTEGER NOT NULL, repo TEXT NOT NULL,
+    seq {int} PRIMARY KEY, topic TEXT NOT NULL, version {int} NOT NULL, repo TEXT NOT NULL,
     commit_id TEXT NOT NULL, author TEXT NOT NULL, message TEXT NOT NULL, files TEXT NOT NULL,
-    created_at INTEGER NOT NULL, frame TEXT NOT NULL);
+    created_at {int} NOT NULL, frame TEXT NOT NULL);
 CREATE INDEX events_by_topic ON events (topic, seq);
 CREATE TABLE instances (
     id TEXT PRIMARY KEY, app TEXT, labels TEXT NOT NULL, subscriptions TEXT NOT NULL,
-    connected INTEGER NOT NULL, connection TEXT, node TEXT, last_seen INTEGER NOT NULL);
+    connected {bool} NOT NULL, connection TEXT, node TEXT, last_seen {int} NOT NULL);
 CREATE TABLE acks (
-    instance TEXT NOT NULL, topic TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
-    error TEXT, acked_at INTEGER NOT NULL, PRIMARY KEY (instance, topic));
+    instance TEXT NOT NULL, topic TEXT NOT NULL, version {int} NOT NULL, status TEXT NOT NULL,
+    error TEXT, acked_at {int} NOT NULL, PRIMARY KEY (instance, topic));
 "#,
-        postgres: r#"
-CREATE TABLE log_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL);
-INSERT INTO log_head (id, seq) VALUES (1, 0);
-CREATE TABLE repos (name TEXT PRIMARY KEY, head TEXT NOT NULL, synced_at BIGINT NOT NULL);
-CREATE TABLE topics (
-    name TEXT PRIMARY KEY, repo TEXT NOT NULL, version BIGINT NOT NULL, seq BIGINT NOT NULL,
-    commit_id TEXT NOT NULL, updated_at BIGINT NOT NULL);
-CREATE TABLE topic_files (
-    topic TEXT NOT NULL, path TEXT NOT NULL, sha TEXT NOT NULL, content BYTEA NOT NULL,
-    PRIMARY KEY (topic, path));
-CREATE TABLE events (
-    seq BIGINT PRIMARY KEY, topic TEXT NOT NULL, version BIGINT NOT NULL, repo TEXT NOT NULL,
-    commit_id TEXT NOT NULL, author TEXT NOT NULL, message TEXT NOT NULL, files TEXT NOT NULL,
-    created_at BIGINT NOT NULL, frame TEXT NOT NULL);
-CREATE INDEX events_by_topic ON events (topic, seq);
-CREATE TABLE instances (
-    id TEXT PRIMARY KEY, app TEXT, labels TEXT NOT NULL, subscriptions TEXT NOT NULL,
-    connected BOOLEAN NOT NULL, connection TEXT, node TEXT, last_seen BIGINT NOT NULL);
-CREATE TABLE acks (
-    instance TEXT NOT NULL, topic TEXT NOT NULL, version BIGINT NOT NULL, status TEXT NOT NULL,
-    error TEXT, acked_at BIGINT NOT NULL, PRIMARY KEY (instance, topic));
-"#,
-    },
-    Migration {
-        sqlite: r#"
+    r#"
 CREATE TABLE deliveries (
-    n INTEGER PRIMARY KEY AUTOINCREMENT, repo TEXT NOT NULL, provider TEXT NOT NULL, id TEXT NOT NULL,
-    received_at INTEGER NOT NULL, UNIQUE (repo, provider, id));
+    n {serial}, repo TEXT NOT NULL, provider TEXT NOT NULL, id TEXT NOT NULL,
+    received_at {int} NOT NULL, UNIQUE (repo, provider, id));
 "#,
-        postgres: r#"
-CREATE TABLE deliveries (
-    n BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, repo TEXT NOT NULL, provider TEXT NOT NULL,
-    id TEXT NOT NULL, received_at BIGINT NOT NULL, UNIQUE (repo, provider, id));
-"#,
-    },
-    Migration::same(
-        r#"
+    r#"
 CREATE TABLE rejections (
     repo TEXT NOT NULL, topic TEXT NOT NULL, base_commit TEXT NOT NULL, commit_id TEXT NOT NULL,
-    author TEXT NOT NULL, path TEXT NOT NULL, line BIGINT, message TEXT NOT NULL, at BIGINT NOT NULL,
+    author TEXT NOT NULL, path TEXT NOT NULL, line {int}, message TEXT NOT NULL, at {int} NOT NULL,
     PRIMARY KEY (repo, topic));
 "#,
-    ),
 ];
+
+/// The column types a backend writes for the tokens in [`MIGRATIONS`].
+pub struct ColumnTypes {
+    pub int: &'static str,
+    pub bool: &'static str,
+    pub bytes: &'static str,
+    pub serial: &'static str,
+}
+
+impl ColumnTypes {
+    /// `sql` with every type token replaced.
+    pub fn ddl(&self, sql: &str) -> String {
+        sql.replace("{int}", self.int)
+            .replace("{bool}", self.bool)
+            .replace("{bytes}", self.bytes)
+            .replace("{serial}", self.serial)
+    }
+}
 
 /// `rows_affected()` is inherent on each driver's query result, not part of `sqlx::Database`.
 pub trait RowsAffected {
@@ -139,6 +109,9 @@ pub trait Backend: Send + Sync + 'static {
     /// The statement that opens a read transaction whose statements all see one moment of the
     /// database; `None` when a plain transaction already does (SQLite in WAL mode).
     const SNAPSHOT_BEGIN: Option<&'static str>;
+
+    /// What the type tokens of [`MIGRATIONS`] stand for here.
+    const TYPES: ColumnTypes;
 
     /// Runs the [`MIGRATIONS`] this database has not run yet.
     async fn migrate(&self, pool: &Pool<Self::Db>) -> Result<(), StoreError>;
@@ -804,12 +777,27 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::placeholders;
+    use super::{placeholders, MIGRATIONS};
+    use crate::store::{postgres::PgBackend, sql::Backend, sqlite::SqliteBackend};
 
     #[test]
     fn placeholders_number_from_the_first() {
         assert_eq!(placeholders(1, 3), "$1, $2, $3");
         assert_eq!(placeholders(4, 1), "$4");
         assert_eq!(placeholders(1, 0), "");
+    }
+
+    #[test]
+    fn every_type_token_is_replaced_for_both_databases() {
+        for sql in MIGRATIONS {
+            for types in [SqliteBackend::TYPES, PgBackend::TYPES] {
+                let ddl = types.ddl(sql);
+                assert!(!ddl.contains('{') && !ddl.contains('}'), "{ddl}");
+            }
+        }
+        // SQLite's `INTEGER PRIMARY KEY` is the rowid: the log's seq must stay that fast path.
+        assert!(SqliteBackend::TYPES
+            .ddl(MIGRATIONS[0])
+            .contains("seq INTEGER PRIMARY KEY"));
     }
 }

@@ -18,7 +18,7 @@ use sqlx::{Pool, Sqlite, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::sql::{Backend, RowsAffected, SqlStore, MIGRATIONS};
+use super::sql::{Backend, ColumnTypes, RowsAffected, SqlStore, MIGRATIONS};
 use super::{RepoLock, StoreError};
 
 pub type SqliteStore = SqlStore<SqliteBackend>;
@@ -72,6 +72,13 @@ impl Backend for SqliteBackend {
     // In WAL mode a read transaction sees one snapshot from its first read on.
     const SNAPSHOT_BEGIN: Option<&'static str> = None;
 
+    const TYPES: ColumnTypes = ColumnTypes {
+        int: "INTEGER",
+        bool: "INTEGER",
+        bytes: "BLOB",
+        serial: "INTEGER PRIMARY KEY AUTOINCREMENT",
+    };
+
     async fn migrate(&self, pool: &Pool<Sqlite>) -> Result<(), StoreError> {
         let done: i64 = sqlx::query_scalar("PRAGMA user_version")
             .fetch_one(pool)
@@ -80,7 +87,7 @@ impl Backend for SqliteBackend {
             .map_err(|_| StoreError::Corrupt(format!("PRAGMA user_version = {done}")))?;
         for (i, migration) in MIGRATIONS.iter().enumerate().skip(done) {
             let mut tx = pool.begin().await?;
-            sqlx::Executor::execute(&mut *tx, migration.sqlite).await?;
+            sqlx::Executor::execute(&mut *tx, Self::TYPES.ddl(migration).as_str()).await?;
             let bump = format!("PRAGMA user_version = {}", i + 1);
             sqlx::Executor::execute(&mut *tx, bump.as_str()).await?;
             tx.commit().await?;
