@@ -26,9 +26,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    log_entry, now_ms, AckRecord, AckRejection, ChangedFile, HistoryEntry, HistoryFile,
-    InstanceRecord, LogEntry, LoggedEvent, Rejection, RepoLock, RepoRecord, Store, StoreError,
-    SyncOutcome, TopicSummary,
+    log_entry, now_ms, AckRecord, AckRejection, HistoryEntry, HistoryFile, InstanceRecord,
+    LogEntry, LoggedEvent, Rejection, RepoLock, RepoRecord, Store, StoreError, SyncOutcome,
+    TopicSummary,
 };
 use crate::protocol::{AckStatus, Change, FileStatus, Snapshot, SnapshotFile};
 
@@ -166,129 +166,42 @@ impl<B: Backend> SqlStore<B> {
     }
 }
 
-// The bounds below say "the driver can run these queries and bind and read these Rust types";
-// they are the same on the two impl blocks and both drivers meet them.
-impl<B> SqlStore<B>
+/// Reads a non-negative integer column: a negative seq or version means the table was written by
+/// something other than confcast.
+fn u64_at<R: Row>(row: &R, column: &str) -> Result<u64, StoreError>
 where
-    B: Backend,
-    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
-    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
-    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
-    for<'q> String: Encode<'q, B::Db> + Type<B::Db>,
-    for<'q> &'q [u8]: Encode<'q, B::Db> + Type<B::Db>,
-    for<'q> i64: Encode<'q, B::Db> + Type<B::Db>,
-    for<'q> bool: Encode<'q, B::Db> + Type<B::Db>,
-    for<'q> Option<&'q str>: Encode<'q, B::Db>,
-    for<'q> Option<i64>: Encode<'q, B::Db>,
-    for<'r> String: Decode<'r, B::Db>,
-    for<'r> &'r str: Decode<'r, B::Db>,
-    for<'r> &'r [u8]: Decode<'r, B::Db>,
-    for<'r> i64: Decode<'r, B::Db>,
-    for<'r> bool: Decode<'r, B::Db>,
-    for<'a> &'a str: ColumnIndex<<B::Db as Database>::Row>,
-    <B::Db as Database>::QueryResult: RowsAffected,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'a> &'a str: ColumnIndex<R>,
 {
-    fn u64_at(row: &<B::Db as Database>::Row, column: &str) -> Result<u64, StoreError> {
-        nonnegative(column, row.try_get(column)?)
-    }
-
-    async fn apply_files(
-        tx: &mut Transaction<'static, B::Db>,
-        topic: &str,
-        files: &[ChangedFile],
-    ) -> Result<(), StoreError> {
-        const DELETE: &str = "DELETE FROM topic_files WHERE topic = $1 AND path = $2";
-        for file in files {
-            if let Some(old) = &file.old_path {
-                sqlx::query(DELETE)
-                    .bind(topic)
-                    .bind(old.as_str())
-                    .execute(&mut **tx)
-                    .await?;
-            }
-            match (&file.status, &file.content) {
-                (FileStatus::Deleted, _) | (_, None) => {
-                    sqlx::query(DELETE)
-                        .bind(topic)
-                        .bind(file.path.as_str())
-                        .execute(&mut **tx)
-                        .await?;
-                }
-                (_, Some(content)) => {
-                    sqlx::query(
-                        "INSERT INTO topic_files (topic, path, sha, content) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (topic, path) DO UPDATE SET sha = excluded.sha, content = excluded.content",
-                    )
-                    .bind(topic)
-                    .bind(file.path.as_str())
-                    .bind(file.sha.as_str())
-                    .bind(content.as_slice())
-                    .execute(&mut **tx)
-                    .await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn ack_rows(&self, instance: Option<&str>) -> Result<Vec<AckRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT instance, topic, version, status, error, acked_at FROM acks
-             WHERE CAST($1 AS TEXT) IS NULL OR instance = $1 ORDER BY instance, topic",
-        )
-        .bind(instance)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let status: &str = r.try_get("status")?;
-                Ok(AckRecord {
-                    instance: r.try_get("instance")?,
-                    topic: r.try_get("topic")?,
-                    version: Self::u64_at(r, "version")?,
-                    status: AckStatus::parse(status)
-                        .ok_or_else(|| StoreError::Corrupt(format!("ack status {status}")))?,
-                    error: r.try_get("error")?,
-                    acked_at_ms: r.try_get("acked_at")?,
-                })
-            })
-            .collect()
-    }
-
-    /// The files of each of `topics`, read inside the snapshot transaction `tx`.
-    async fn snapshot_files(
-        tx: &mut Transaction<'static, B::Db>,
-        topics: &[&str],
-    ) -> Result<BTreeMap<String, Vec<SnapshotFile>>, StoreError> {
-        let mut files: BTreeMap<String, Vec<SnapshotFile>> = BTreeMap::new();
-        for names in topics.chunks(NAMES_PER_QUERY) {
-            let sql = format!(
-                "SELECT topic, path, sha, content FROM topic_files WHERE topic IN ({})
-                 ORDER BY topic, path",
-                placeholders(1, names.len())
-            );
-            let mut query = sqlx::query(&sql);
-            for name in names {
-                query = query.bind(*name);
-            }
-            for f in query.fetch_all(&mut **tx).await? {
-                let (content, encoding) =
-                    crate::protocol::encode_content(f.try_get::<&[u8], _>("content")?);
-                files
-                    .entry(f.try_get("topic")?)
-                    .or_default()
-                    .push(SnapshotFile {
-                        path: f.try_get("path")?,
-                        sha: f.try_get("sha")?,
-                        content,
-                        encoding,
-                    });
-            }
-        }
-        Ok(files)
-    }
+    nonnegative(column, row.try_get(column)?)
 }
 
+const DELETE_FILE: &str = "DELETE FROM topic_files WHERE topic = $1 AND path = $2";
+
+const ACKS: &str = "SELECT instance, topic, version, status, error, acked_at FROM acks
+     WHERE CAST($1 AS TEXT) IS NULL OR instance = $1 ORDER BY instance, topic";
+
+fn ack_record<R: Row>(r: &R) -> Result<AckRecord, StoreError>
+where
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    let status: &str = r.try_get("status")?;
+    Ok(AckRecord {
+        instance: r.try_get("instance")?,
+        topic: r.try_get("topic")?,
+        version: u64_at(r, "version")?,
+        status: AckStatus::parse(status)
+            .ok_or_else(|| StoreError::Corrupt(format!("ack status {status}")))?,
+        error: r.try_get("error")?,
+        acked_at_ms: r.try_get("acked_at")?,
+    })
+}
+
+// The bounds below say "the driver can run these queries and bind and read these Rust types";
+// both drivers meet them.
 #[async_trait]
 impl<B> Store for SqlStore<B>
 where
@@ -347,7 +260,7 @@ where
             .bind(to_i64(count))
             .fetch_one(&mut *tx)
             .await?;
-        let head = Self::u64_at(&head_row, "seq")?;
+        let head = u64_at(&head_row, "seq")?;
         let mut seq = head
             .checked_sub(count)
             .ok_or_else(|| StoreError::Corrupt(format!("log head {head} below {count}")))?;
@@ -370,7 +283,7 @@ where
                 .await?;
             let previous_version = match previous {
                 None => 0,
-                Some(row) => Self::u64_at(&row, "version")?,
+                Some(row) => u64_at(&row, "version")?,
             };
             seq += 1;
             let LogEntry {
@@ -394,7 +307,36 @@ where
             .bind(frame)
             .execute(&mut *tx)
             .await?;
-            Self::apply_files(&mut tx, &tc.topic, &tc.files).await?;
+            for file in &tc.files {
+                if let Some(old) = &file.old_path {
+                    sqlx::query(DELETE_FILE)
+                        .bind(tc.topic.as_str())
+                        .bind(old.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                match (&file.status, &file.content) {
+                    (FileStatus::Deleted, _) | (_, None) => {
+                        sqlx::query(DELETE_FILE)
+                            .bind(tc.topic.as_str())
+                            .bind(file.path.as_str())
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    (_, Some(content)) => {
+                        sqlx::query(
+                            "INSERT INTO topic_files (topic, path, sha, content) VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (topic, path) DO UPDATE SET sha = excluded.sha, content = excluded.content",
+                        )
+                        .bind(tc.topic.as_str())
+                        .bind(file.path.as_str())
+                        .bind(file.sha.as_str())
+                        .bind(content.as_slice())
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+            }
             sqlx::query(
                 "INSERT INTO topics (name, repo, version, seq, commit_id, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (name) DO UPDATE SET repo = excluded.repo, version = excluded.version,
@@ -454,7 +396,7 @@ where
         rows.iter()
             .map(|r| {
                 Ok(LoggedEvent {
-                    seq: Self::u64_at(r, "seq")?,
+                    seq: u64_at(r, "seq")?,
                     topic: r.try_get("topic")?,
                     frame: r.try_get("frame")?,
                 })
@@ -466,14 +408,14 @@ where
         let row = sqlx::query("SELECT seq FROM log_head WHERE id = 1")
             .fetch_one(&self.pool)
             .await?;
-        Self::u64_at(&row, "seq")
+        u64_at(&row, "seq")
     }
 
     async fn oldest_seq(&self) -> Result<Option<u64>, StoreError> {
         let row = sqlx::query("SELECT seq FROM events ORDER BY seq LIMIT 1")
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| Self::u64_at(&r, "seq")).transpose()
+        row.map(|r| u64_at(&r, "seq")).transpose()
     }
 
     async fn snapshots(
@@ -488,7 +430,7 @@ where
         let head_row = sqlx::query("SELECT seq FROM log_head WHERE id = 1")
             .fetch_one(&mut *tx)
             .await?;
-        let head = Self::u64_at(&head_row, "seq")?;
+        let head = u64_at(&head_row, "seq")?;
         let rows = sqlx::query("SELECT name, version, seq, commit_id FROM topics ORDER BY name")
             .fetch_all(&mut *tx)
             .await?;
@@ -498,15 +440,39 @@ where
             if filter(&name) {
                 topics.push(Snapshot {
                     topic: name,
-                    version: Self::u64_at(row, "version")?,
-                    seq: Self::u64_at(row, "seq")?,
+                    version: u64_at(row, "version")?,
+                    seq: u64_at(row, "seq")?,
                     commit: row.try_get("commit_id")?,
                     files: Vec::new(),
                 });
             }
         }
         let names: Vec<&str> = topics.iter().map(|s| s.topic.as_str()).collect();
-        let mut files = Self::snapshot_files(&mut tx, &names).await?;
+        let mut files: BTreeMap<String, Vec<SnapshotFile>> = BTreeMap::new();
+        for names in names.chunks(NAMES_PER_QUERY) {
+            let sql = format!(
+                "SELECT topic, path, sha, content FROM topic_files WHERE topic IN ({})
+                 ORDER BY topic, path",
+                placeholders(1, names.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for name in names {
+                query = query.bind(*name);
+            }
+            for f in query.fetch_all(&mut *tx).await? {
+                let (content, encoding) =
+                    crate::protocol::encode_content(f.try_get::<&[u8], _>("content")?);
+                files
+                    .entry(f.try_get("topic")?)
+                    .or_default()
+                    .push(SnapshotFile {
+                        path: f.try_get("path")?,
+                        sha: f.try_get("sha")?,
+                        content,
+                        encoding,
+                    });
+            }
+        }
         tx.commit().await?;
         for snapshot in &mut topics {
             snapshot.files = files.remove(&snapshot.topic).unwrap_or_default();
@@ -525,8 +491,8 @@ where
                 Ok(TopicSummary {
                     topic: r.try_get("name")?,
                     repo: r.try_get("repo")?,
-                    version: Self::u64_at(r, "version")?,
-                    seq: Self::u64_at(r, "seq")?,
+                    version: u64_at(r, "version")?,
+                    seq: u64_at(r, "seq")?,
                     commit: r.try_get("commit_id")?,
                     updated_at_ms: r.try_get("updated_at")?,
                 })
@@ -552,8 +518,8 @@ where
                 let files: Vec<HistoryFile> = serde_json::from_str(r.try_get("files")?)
                     .map_err(|e| StoreError::Corrupt(format!("event files: {e}")))?;
                 Ok(HistoryEntry {
-                    seq: Self::u64_at(r, "seq")?,
-                    version: Self::u64_at(r, "version")?,
+                    seq: u64_at(r, "seq")?,
+                    version: u64_at(r, "version")?,
                     commit: r.try_get("commit_id")?,
                     author: r.try_get("author")?,
                     message: r.try_get("message")?,
@@ -657,7 +623,7 @@ where
         let Some(current) = current else {
             return Ok(Err(AckRejection::UnknownTopic));
         };
-        let current = Self::u64_at(&current, "version")?;
+        let current = u64_at(&current, "version")?;
         if version == 0 || version > current {
             return Ok(Err(AckRejection::UnknownVersion { current }));
         }
@@ -679,7 +645,11 @@ where
     }
 
     async fn acks(&self) -> Result<Vec<AckRecord>, StoreError> {
-        self.ack_rows(None).await
+        let rows = sqlx::query(ACKS)
+            .bind(None::<&str>)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(ack_record).collect()
     }
 
     async fn remember_delivery(
@@ -738,7 +708,11 @@ where
     }
 
     async fn acks_of(&self, instance: &str) -> Result<Vec<AckRecord>, StoreError> {
-        self.ack_rows(Some(instance)).await
+        let rows = sqlx::query(ACKS)
+            .bind(Some(instance))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(ack_record).collect()
     }
 
     async fn trim(&self, max_events: u64, max_age_ms: i64) -> Result<u64, StoreError> {
