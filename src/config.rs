@@ -47,7 +47,191 @@ pub struct Config {
     #[serde(default)]
     pub retention: RetentionConfig,
     #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub repos: Vec<RepoConfig>,
+}
+
+/// Who may connect and what they may do. Every credential is given as a SHA-256 digest, an
+/// environment variable or a file, and only its digest is kept in memory.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Lets a non-loopback listener start with no instance and API credentials. Off by default:
+    /// without it, such a start is refused with a message naming the keys to set.
+    pub allow_anonymous: bool,
+    /// Static instance credentials, each bound to instance ids and topic patterns.
+    pub instance_tokens: Vec<InstanceToken>,
+    /// Credentials for the HTTP API.
+    pub api_tokens: Vec<ApiToken>,
+    /// JWTs minted per instance by an orchestrator.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// A static credential for instances: which ids it may claim and which topics it may read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceToken {
+    /// Shown in logs and the API instead of the token.
+    pub name: String,
+    /// Hex SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    pub token_sha256: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// Instance ids this token may claim: `*` stands for any run of characters.
+    #[serde(default = "any_pattern")]
+    pub instances: String,
+    /// Topic patterns it may subscribe to and ack (the subscription pattern syntax).
+    #[serde(default = "any_topics")]
+    pub topics: Vec<String>,
+    /// Filled in by validation.
+    #[serde(skip)]
+    pub digest: Option<[u8; 32]>,
+}
+
+/// A credential for the HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub name: String,
+    pub token_sha256: Option<String>,
+    pub token_env: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub scope: ApiScope,
+    /// Filled in by validation.
+    #[serde(skip)]
+    pub digest: Option<[u8; 32]>,
+}
+
+/// `read`: the query API and the dashboard. `admin`: read, plus every write (force sync, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiScope {
+    Read,
+    Admin,
+}
+
+/// JWT verification for instance credentials. Exactly one key is given.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub hs256_secret_env: Option<String>,
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public key for RS256.
+    pub rs256_public_key_file: Option<PathBuf>,
+    /// PEM public key for EdDSA (Ed25519).
+    pub eddsa_public_key_file: Option<PathBuf>,
+    /// When set, the `iss` claim must equal it.
+    pub issuer: Option<String>,
+    /// When set, the `aud` claim must contain it.
+    pub audience: Option<String>,
+    /// The claim listing the topic patterns the token may read (default `topics`).
+    #[serde(default = "default_topics_claim")]
+    pub topics_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Filled in by validation: the key material.
+    #[serde(skip)]
+    pub key: Option<Secret>,
+}
+
+fn any_pattern() -> String {
+    "*".to_string()
+}
+
+fn any_topics() -> Vec<String> {
+    vec!["*".to_string()]
+}
+
+fn default_topics_claim() -> String {
+    "topics".to_string()
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+/// Caps on what any peer can make the server hold. Every one has a default meant for production.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// TCP connections held at once; beyond it new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers.
+    pub header_read_timeout_secs: u64,
+    /// Time a client has to send a whole webhook body.
+    pub body_read_timeout_secs: u64,
+    /// Webhook body bytes being read at once, over all requests; beyond it: 503 + Retry-After.
+    pub webhook_bytes_in_flight: usize,
+    /// Longest webhook delivery id accepted (400 beyond).
+    pub max_delivery_id_bytes: usize,
+    /// Time a WebSocket has from the upgrade to its `hello`.
+    pub hello_timeout_secs: u64,
+    /// Largest message an instance may send.
+    pub max_client_message_bytes: usize,
+    /// Bytes queued for one WebSocket that does not read before it is dropped, on top of one frame.
+    pub ws_write_buffer_bytes: usize,
+    /// Distinct topic patterns one connection may subscribe to, over all its `subscribe`s.
+    pub max_subscriptions: usize,
+    pub max_pattern_bytes: usize,
+    pub max_instance_id_bytes: usize,
+    pub max_labels: usize,
+    /// Longest label key or value, and longest `app`.
+    pub max_label_bytes: usize,
+    /// Longest error text kept from a `failed` ack.
+    pub max_ack_error_bytes: usize,
+    /// Largest file a topic may hold; larger is held back with the reason in the API.
+    pub max_file_bytes: u64,
+    /// Largest total of a topic's files; bounds every change and snapshot frame.
+    pub max_topic_bytes: u64,
+    /// Most files one topic may hold.
+    pub max_topic_files: usize,
+    /// Longest path of a file in the repo.
+    pub max_path_bytes: usize,
+    /// Instances disconnected longer than this are forgotten, with their acks (0 = never).
+    pub instance_expiry_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 65_536,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            webhook_bytes_in_flight: 64 * 1024 * 1024,
+            max_delivery_id_bytes: 256,
+            hello_timeout_secs: 10,
+            max_client_message_bytes: 64 * 1024,
+            ws_write_buffer_bytes: 1024 * 1024,
+            max_subscriptions: 64,
+            max_pattern_bytes: 256,
+            max_instance_id_bytes: 200,
+            max_labels: 32,
+            max_label_bytes: 256,
+            max_ack_error_bytes: 4096,
+            max_file_bytes: 8 * 1024 * 1024,
+            max_topic_bytes: 16 * 1024 * 1024,
+            max_topic_files: 10_000,
+            max_path_bytes: 1024,
+            instance_expiry_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The largest frame the server can send: a topic's files at their encoded size (base64 at
+    /// worst, 4/3), plus each file's path, sha and JSON framing. Clients must accept this much.
+    pub fn max_frame_bytes(&self) -> u64 {
+        let content = self.max_topic_bytes.div_ceil(3) * 4;
+        let per_file = u64::try_from(self.max_path_bytes * 2 + 256).unwrap_or(u64::MAX);
+        let files = u64::try_from(self.max_topic_files).unwrap_or(u64::MAX);
+        content
+            .saturating_add(per_file.saturating_mul(files))
+            .saturating_add(64 * 1024)
+    }
 }
 
 /// How much of the event log is kept for resuming instances. An instance whose `since` is older
@@ -93,6 +277,17 @@ pub struct ServerConfig {
     /// Filled in by validation.
     #[serde(skip)]
     pub client_token: Option<Secret>,
+    /// Serve `https://` and `wss://` with these PEM files.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert_file: PathBuf,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -107,6 +302,7 @@ impl Default for ServerConfig {
             client_token_env: None,
             client_token_file: None,
             client_token: None,
+            tls: None,
         }
     }
 }
