@@ -595,6 +595,7 @@ impl Config {
             ),
             (None, None) => None,
         };
+        self.resolve_auth_config(base, lookup)?;
         if let Some(url) = &self.store.url {
             if !(url.starts_with("sqlite:")
                 || url.starts_with("postgres://")
@@ -657,6 +658,117 @@ impl Config {
                 .map_err(|(j, m)| ConfigError::key(format!("repos[{i}].topics[{j}]"), m))?;
         }
         Ok(())
+    }
+
+    /// Resolves every `[auth]` credential to its digest or key, and checks names and patterns.
+    fn resolve_auth_config(
+        &mut self,
+        base: &Path,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.auth.instance_tokens.iter_mut().enumerate() {
+            let key = format!("auth.instance_tokens[{i}]");
+            if t.name.is_empty() || !names.insert(format!("i:{}", t.name)) {
+                return Err(ConfigError::key(
+                    format!("{key}.name"),
+                    "give each token a distinct, non-empty name",
+                ));
+            }
+            crate::auth::check_instance_token(&key, t)?;
+            t.digest = Some(crate::auth::resolve_digest(
+                &key,
+                t.token_sha256.as_deref(),
+                t.token_env.as_deref(),
+                t.token_file.as_ref().map(|f| base.join(f)).as_deref(),
+                lookup,
+            )?);
+        }
+        for (i, t) in self.auth.api_tokens.iter_mut().enumerate() {
+            let key = format!("auth.api_tokens[{i}]");
+            if t.name.is_empty() || !names.insert(format!("a:{}", t.name)) {
+                return Err(ConfigError::key(
+                    format!("{key}.name"),
+                    "give each token a distinct, non-empty name",
+                ));
+            }
+            t.digest = Some(crate::auth::resolve_digest(
+                &key,
+                t.token_sha256.as_deref(),
+                t.token_env.as_deref(),
+                t.token_file.as_ref().map(|f| base.join(f)).as_deref(),
+                lookup,
+            )?);
+        }
+        if let Some(jwt) = &mut self.auth.jwt {
+            let given = [
+                jwt.hs256_secret_env.is_some(),
+                jwt.hs256_secret_file.is_some(),
+                jwt.rs256_public_key_file.is_some(),
+                jwt.eddsa_public_key_file.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
+                return Err(ConfigError::key(
+                    "auth.jwt",
+                    "give exactly one of hs256_secret_env, hs256_secret_file, rs256_public_key_file, eddsa_public_key_file",
+                ));
+            }
+            jwt.key = Some(if let Some(var) = &jwt.hs256_secret_env {
+                lookup(var)
+                    .and_then(|v| non_empty(v.into_bytes()))
+                    .ok_or_else(|| {
+                        ConfigError::key(
+                            "auth.jwt.hs256_secret_env",
+                            format!("environment variable {var} is not set or empty"),
+                        )
+                    })?
+            } else if let Some(file) = &jwt.hs256_secret_file {
+                read_secret_file(&base.join(file))
+                    .map_err(|m| ConfigError::key("auth.jwt.hs256_secret_file", m))?
+            } else {
+                let (k, file) = match (&jwt.rs256_public_key_file, &jwt.eddsa_public_key_file) {
+                    (Some(f), _) => ("auth.jwt.rs256_public_key_file", f),
+                    (None, Some(f)) => ("auth.jwt.eddsa_public_key_file", f),
+                    (None, None) => unreachable_key()?,
+                };
+                read_secret_file(&base.join(file)).map_err(|m| ConfigError::key(k, m))?
+            });
+            if jwt.topics_claim.is_empty() {
+                return Err(ConfigError::key(
+                    "auth.jwt.topics_claim",
+                    "must not be empty",
+                ));
+            }
+        }
+        // Builds the checker once so a bad key fails here, at start, naming its key.
+        crate::auth::Authenticator::new(&self.auth, self.server.client_token.as_ref())?;
+        Ok(())
+    }
+
+    /// Why serving on `addr` would expose topics or the API to anyone who can reach it, if it would:
+    /// a non-loopback address needs instance and API credentials unless `auth.allow_anonymous`.
+    pub fn exposure_problem(&self, addr: SocketAddr) -> Option<String> {
+        if addr.ip().is_loopback() || self.auth.allow_anonymous {
+            return None;
+        }
+        let mut missing = Vec::new();
+        if self.auth.instance_tokens.is_empty()
+            && self.auth.jwt.is_none()
+            && self.server.client_token.is_none()
+        {
+            missing.push("instance credentials ([[auth.instance_tokens]] or [auth.jwt])");
+        }
+        if self.auth.api_tokens.is_empty() {
+            missing.push("API credentials ([[auth.api_tokens]])");
+        }
+        (!missing.is_empty()).then(|| {
+            format!(
+                "refusing to listen on {addr} without {}: anyone who reaches the port could read every topic \
+                 or act as any instance. Configure them (docs/OPERATIONS.md, section 8), listen on a loopback \
+                 address, or set auth.allow_anonymous = true to accept the risk",
+                missing.join(" and ")
+            )
+        })
     }
 
     /// The store URL in force: the configured one or the SQLite file under `data_dir`.
@@ -765,6 +877,11 @@ fn read_secret_file(path: &Path) -> Result<Secret, String> {
         bytes.pop();
     }
     non_empty(bytes).ok_or_else(|| format!("{} is empty", path.display()))
+}
+
+/// For a match arm validation has already ruled out.
+fn unreachable_key() -> Result<(&'static str, &'static PathBuf), ConfigError> {
+    Err(ConfigError::key("auth.jwt", "no key file given"))
 }
 
 fn non_empty(bytes: Vec<u8>) -> Option<Secret> {

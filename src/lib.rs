@@ -35,6 +35,8 @@ pub mod api;
 #[cfg(feature = "server")]
 pub mod app;
 #[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
 pub mod bench;
 #[cfg(feature = "server")]
 pub mod config;
@@ -53,18 +55,23 @@ pub mod webhook;
 pub use server::{serve, ServeError};
 
 #[cfg(feature = "server")]
+mod listener;
+
+#[cfg(feature = "server")]
 mod server {
     use std::future::Future;
     use std::sync::Arc;
     use std::time::Duration;
 
     use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
     use crate::api::router;
     use crate::app::App;
-    use crate::config::Config;
+    use crate::auth::Authenticator;
+    use crate::config::{Config, ConfigError};
     use crate::hub::Hub;
     use crate::store::{self, StoreError};
     use crate::sync::Syncers;
@@ -80,6 +87,13 @@ mod server {
         },
         #[error("http server: {0}")]
         Http(#[from] std::io::Error),
+        #[error("{0}")]
+        Config(#[from] ConfigError),
+        /// A non-loopback listener without credentials (see `Config::exposure_problem`).
+        #[error("{0}")]
+        Exposed(String),
+        #[error("server.tls: {0}")]
+        Tls(String),
     }
 
     /// Runs confcast on an already bound `listener` until `shutdown` completes, then closes every
@@ -89,6 +103,21 @@ mod server {
         config: Config,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
+        let addr = listener.local_addr()?;
+        if let Some(problem) = config.exposure_problem(addr) {
+            return Err(ServeError::Exposed(problem));
+        }
+        if config.auth.allow_anonymous && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "auth.allow_anonymous is set: whatever has no credential configured is open to anyone who reaches this port");
+        }
+        let auth = Authenticator::new(&config.auth, config.server.client_token.as_ref())?;
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(crate::listener::tls_acceptor)
+            .transpose()
+            .map_err(ServeError::Tls)?;
         let data_dir = config.server.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::DataDir {
             path: data_dir.display().to_string(),
@@ -112,7 +141,7 @@ mod server {
             &tracker,
             token.clone(),
         );
-        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let port = addr.port();
         // The replica's name: the host's (the environment may not say: systemd sets no HOSTNAME).
         let host = std::env::var("HOSTNAME")
             .ok()
@@ -123,8 +152,12 @@ mod server {
         let node = format!("{host}:{port}");
         // Connections recorded by a previous run of this replica died with it.
         store.reset_node(&node).await?;
-        tracing::info!(addr = ?listener.local_addr().ok(), %node, repos = config.repos.len(), "confcast serving");
+        tracing::info!(%addr, %node, tls = tls.is_some(), repos = config.repos.len(), "confcast serving");
+        let limits = config.limits.clone();
         let app = Arc::new(App {
+            webhook_bytes: Arc::new(Semaphore::new(
+                limits.webhook_bytes_in_flight.min(Semaphore::MAX_PERMITS),
+            )),
             config,
             store,
             hub,
@@ -132,14 +165,15 @@ mod server {
             node,
             shutdown: token.clone(),
             tracker: tracker.clone(),
+            auth,
         });
         let stop = token.clone();
-        let server = axum::serve(listener, router(app)).with_graceful_shutdown(async move {
+        tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: closing sockets and flushing acks");
             stop.cancel();
         });
-        let result = server.await;
+        crate::listener::accept(listener, router(app), tls, &limits, &tracker, token.clone()).await;
         token.cancel();
         tracker.close();
         if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
@@ -148,6 +182,6 @@ mod server {
         {
             tracing::warn!("some connections did not close within 10 s");
         }
-        result.map_err(ServeError::Http)
+        Ok(())
     }
 }

@@ -241,6 +241,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("listen   : {}", config.server.listen);
             println!("data_dir : {}", config.server.data_dir.display());
             println!("store    : {}", redact_store(&config.store_url()));
+            print_access(&config);
             for repo in &config.repos {
                 println!("repo {}:", repo.name);
                 println!("  url     : {}", confcast::sync::git::redact_url(&repo.url));
@@ -260,6 +261,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 for rule in &repo.topics {
                     println!("  topics  : {} -> {}", rule.pattern, rule.topic);
                 }
+            }
+            if let Some(problem) = config.exposure_problem(config.server.listen) {
+                eprintln!("error: {problem}");
+                std::process::exit(1);
             }
             Ok(())
         }
@@ -318,5 +323,42 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// The credentials in force, by name only: never a token or a digest.
+fn print_access(config: &confcast::config::Config) {
+    let auth = &config.auth;
+    println!(
+        "tls      : {}",
+        if config.server.tls.is_some() {
+            "on"
+        } else {
+            "off"
+        }
+    );
+    if auth.instance_tokens.is_empty() && auth.jwt.is_none() && config.server.client_token.is_none()
+    {
+        println!("instances: anonymous (anyone who reaches /ws reads every topic)");
+    }
+    for t in &auth.instance_tokens {
+        println!(
+            "instances: token `{}` may claim `{}` and read {}",
+            t.name,
+            t.instances,
+            t.topics.join(", ")
+        );
+    }
+    if auth.jwt.is_some() {
+        println!("instances: JWTs (`sub` = instance id or pattern)");
+    }
+    if config.server.client_token.is_some() {
+        println!("instances: server.client_token (any instance id, every topic)");
+    }
+    if auth.api_tokens.is_empty() {
+        println!("api      : open (no [[auth.api_tokens]])");
+    }
+    for t in &auth.api_tokens {
+        println!("api      : token `{}` ({:?})", t.name, t.scope);
     }
 }

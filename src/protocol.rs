@@ -20,6 +20,8 @@ pub mod close {
     pub const KEEPALIVE_TIMEOUT: u16 = 4009;
     /// The same instance id connected again; this older connection is replaced.
     pub const REPLACED: u16 = 4010;
+    /// No `hello` arrived within the server's hello timeout after the upgrade.
+    pub const HELLO_TIMEOUT: u16 = 4011;
 }
 
 /// Error codes carried in `error` frames. The connection stays open after each of them.
@@ -34,6 +36,9 @@ pub mod error_code {
     pub const INVALID: &str = "invalid";
     /// The server could not record or read something; retry later.
     pub const INTERNAL: &str = "internal";
+    /// The connection's credential does not allow it: an instance id outside its pattern, an id held
+    /// by another credential, a topic pattern or an ack outside its topics.
+    pub const FORBIDDEN: &str = "forbidden";
 }
 
 /// Messages an instance sends.
@@ -94,6 +99,9 @@ pub enum ServerMessage {
         server: String,
         instance: String,
         heartbeat_secs: u64,
+        /// The largest frame this server may send (from its `[limits]`); 0 from older servers.
+        #[serde(default)]
+        max_frame_bytes: u64,
     },
     Snapshot(Snapshot),
     /// Sent after the snapshots or the replay of one `subscribe`: from here on the stream is live.

@@ -4,32 +4,78 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::{App, AppError, AppState};
+use crate::app::{bearer, App, AppError, AppState};
+use crate::config::ApiScope;
 use crate::protocol::{topic_matches, AckStatus};
 use crate::store::{AckRecord, InstanceRecord};
 
 pub fn router(app: AppState) -> Router {
-    Router::new()
-        .route("/webhooks/{repo}", post(crate::webhook::handle))
-        .route("/ws", get(crate::hub::connection::upgrade))
+    // The query API needs a `read` credential, its writes an `admin` one (when API tokens are
+    // configured). Webhooks carry their own signatures, `/ws` its instance credential, and the
+    // probes stay open for load balancers and orchestrators.
+    let read = Router::new()
         .route("/api/v1/topics", get(topics))
         .route("/api/v1/topics/{*topic}", get(topic))
         .route("/api/v1/instances", get(instances))
         .route("/api/v1/instances/{id}", get(instance))
         .route("/api/v1/repos", get(repos))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_read));
+    let admin = Router::new()
         .route("/api/v1/repos/{name}/sync", post(force_sync))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
+    Router::new()
+        .route("/webhooks/{repo}", post(crate::webhook::handle))
+        .route("/ws", get(crate::hub::connection::upgrade))
+        .merge(read)
+        .merge(admin)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { AppError::NotFound("no such endpoint; see docs/API.md".into()) })
         .with_state(app)
+}
+
+async fn require_read(
+    State(app): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    require(&app, ApiScope::Read, request, next).await
+}
+
+async fn require_admin(
+    State(app): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    require(&app, ApiScope::Admin, request, next).await
+}
+
+async fn require(
+    app: &App,
+    need: ApiScope,
+    request: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    // API tokens travel in the header only: a query string ends up in proxy logs.
+    let name = app
+        .auth
+        .api(bearer(request.headers(), None), need)
+        .inspect_err(|e| {
+            tracing::info!(path = %request.uri().path(), error = %e, "API request refused");
+        })?;
+    if need == ApiScope::Admin {
+        tracing::info!(credential = %name, method = %request.method(), path = %request.uri().path(), "admin request");
+    }
+    Ok(next.run(request).await)
 }
 
 async fn healthz() -> Json<serde_json::Value> {

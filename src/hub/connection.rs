@@ -12,47 +12,42 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::Frame;
-use crate::app::{AppError, AppState};
+use crate::app::{bearer, AppError, AppState};
+use crate::auth::InstanceGrant;
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
 use crate::store::AckRejection;
 
-/// `GET /ws`. When `server.client_token_*` is set, the upgrade needs the token, as
-/// `Authorization: Bearer <token>` or `?token=<token>` (for clients that cannot set headers).
+/// `GET /ws`. When instance credentials are configured, the upgrade needs one, as
+/// `Authorization: Bearer <token>` or `?token=<token>` (for clients that cannot set headers); it
+/// decides which instance ids the connection may claim and which topics it may read.
 pub async fn upgrade(
     State(app): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
-    if let Some(expected) = &app.config.server.client_token {
-        let given = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then_some(token.trim())
-            })
-            .or(query.get("token").map(String::as_str))
-            .unwrap_or_default();
-        if !bool::from(given.as_bytes().ct_eq(expected.expose())) {
-            return Err(AppError::Unauthorized(
-                "a valid client token is required (Authorization: Bearer ...)".into(),
-            ));
-        }
-    }
+    let grant = app
+        .auth
+        .instance(bearer(&headers, query.get("token").map(String::as_str)))
+        .inspect_err(|e| tracing::info!(error = %e, "websocket credential refused"))?;
+    let limits = &app.config.limits;
+    let max_frame = usize::try_from(limits.max_frame_bytes()).unwrap_or(usize::MAX);
     Ok(ws
-        .max_message_size(1024 * 1024)
+        .max_message_size(limits.max_client_message_bytes)
+        .max_frame_size(limits.max_client_message_bytes)
+        // A peer that does not read (or floods pings whose pongs it never reads) fills this and
+        // is dropped: one frame being written plus `ws_write_buffer_bytes` queued, never more.
+        .max_write_buffer_size(max_frame.saturating_add(limits.ws_write_buffer_bytes))
         .on_upgrade(move |socket| async move {
             let tracker = app.tracker.clone();
             // Tracked so shutdown waits for sockets to close cleanly and acks to be flushed.
-            let _ = tracker.spawn(Connection::new(app, socket).run()).await;
+            let _ = tracker
+                .spawn(Connection::new(app, socket, grant).run())
+                .await;
         }))
 }
 
@@ -76,6 +71,7 @@ struct Identity {
 struct Connection {
     app: AppState,
     socket: WebSocket,
+    grant: InstanceGrant,
     identity: Option<Identity>,
     /// (pattern, deliver live events with seq above this)
     filters: Vec<(String, u64)>,
@@ -84,10 +80,11 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(app: AppState, socket: WebSocket) -> Connection {
+    fn new(app: AppState, socket: WebSocket, grant: InstanceGrant) -> Connection {
         Connection {
             app,
             socket,
+            grant,
             identity: None,
             filters: Vec::new(),
             live: None,
@@ -131,11 +128,17 @@ impl Connection {
         let timeout = self.app.config.server.keepalive_timeout();
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         let shutdown = self.app.shutdown.clone();
+        let hello_by = tokio::time::Instant::now()
+            + Duration::from_secs(self.app.config.limits.hello_timeout_secs.max(1));
         loop {
             let replaced = self.identity.as_ref().map(|i| i.replaced.clone());
+            let waiting_for_hello = self.identity.is_none();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Close(close::GOING_AWAY, "server shutting down"),
+                _ = tokio::time::sleep_until(hello_by), if waiting_for_hello => {
+                    return End::Close(close::HELLO_TIMEOUT, "hello timeout");
+                }
                 _ = async { match &replaced { Some(n) => n.notified().await, None => std::future::pending().await } } => {
                     return End::Close(close::REPLACED, "instance connected again elsewhere");
                 }
@@ -290,15 +293,33 @@ impl Connection {
                 )
                 .await;
         }
-        if instance.is_empty() || instance.len() > 200 || instance.chars().any(char::is_control) {
+        if let Err(message) =
+            check_hello(&self.app.config.limits, &instance, app.as_deref(), &labels)
+        {
+            return self.error(error_code::INVALID, message).await;
+        }
+        if !self.grant.may_claim(&instance) {
+            tracing::info!(credential = %self.grant.credential, "instance id outside the credential's pattern refused");
             return self
                 .error(
-                    error_code::INVALID,
-                    "instance must be 1 to 200 printable characters",
+                    error_code::FORBIDDEN,
+                    format!(
+                        "this credential may not claim instance `{instance}` (allowed: `{}`)",
+                        self.grant.instances.as_str()
+                    ),
                 )
                 .await;
         }
-        let (connection, replaced) = self.app.hub.claim(&instance);
+        let Some((connection, replaced)) = self.app.hub.claim(&instance, &self.grant.credential)
+        else {
+            tracing::warn!(%instance, credential = %self.grant.credential, "takeover by another credential refused");
+            return self
+                .error(
+                    error_code::FORBIDDEN,
+                    format!("instance `{instance}` is connected with another credential"),
+                )
+                .await;
+        };
         let conn = format!("{}/{connection}", self.app.node);
         if let Err(e) = self
             .app
@@ -326,6 +347,7 @@ impl Connection {
             server: format!("confcast/{}", env!("CARGO_PKG_VERSION")),
             instance,
             heartbeat_secs: self.app.config.server.heartbeat().as_secs(),
+            max_frame_bytes: self.app.config.limits.max_frame_bytes(),
         };
         self.send(&welcome).await.err()
     }
@@ -339,11 +361,41 @@ impl Connection {
                 )
                 .await;
         }
+        let limits = &self.app.config.limits;
+        if let Some(long) = topics.iter().find(|t| t.len() > limits.max_pattern_bytes) {
+            let message = format!(
+                "topic pattern of {} bytes is over the limit of {} (limits.max_pattern_bytes)",
+                long.len(),
+                limits.max_pattern_bytes
+            );
+            return self.error(error_code::INVALID, message).await;
+        }
         if let Some(bad) = topics
             .iter()
             .find_map(|t| protocol::validate_pattern(t).err())
         {
             return self.error(error_code::INVALID, bad).await;
+        }
+        if let Some(outside) = topics.iter().find(|t| !self.grant.may_subscribe(t)) {
+            let message = format!(
+                "this credential may not read `{outside}` (allowed: {})",
+                self.grant.topics.join(", ")
+            );
+            return self.error(error_code::FORBIDDEN, message).await;
+        }
+        let held: HashSet<&str> = self.filters.iter().map(|(p, _)| p.as_str()).collect();
+        let new_patterns: HashSet<&str> = topics
+            .iter()
+            .map(String::as_str)
+            .filter(|t| !held.contains(t))
+            .collect();
+        if held.len() + new_patterns.len() > limits.max_subscriptions {
+            let message = format!(
+                "a connection may hold at most {} topic patterns (limits.max_subscriptions); it has {}",
+                limits.max_subscriptions,
+                held.len()
+            );
+            return self.error(error_code::INVALID, message).await;
         }
         // Listen before reading the store: anything committed after our read is then in the ring.
         if self.live.is_none() {
@@ -496,7 +548,11 @@ impl Connection {
                 .await;
         };
         let instance = id.instance.clone();
-        let error = error.map(|e| e.chars().take(4096).collect::<String>());
+        if !self.grant.may_read(&topic) {
+            let message = format!("this credential may not ack topic `{topic}`");
+            return self.error(error_code::FORBIDDEN, message).await;
+        }
+        let error = error.map(|e| truncate(&e, self.app.config.limits.max_ack_error_bytes));
         match self
             .app
             .store
@@ -535,5 +591,98 @@ async fn recv_live(
     match live {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncate(text: &str, max: usize) -> String {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// Characters an id or label may not hold: control characters, and the bidirectional formatting
+/// characters that make a name display as another (`U+202E` and friends).
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Checks a `hello` against `[limits]`: what the store keeps per instance stays bounded.
+fn check_hello(
+    limits: &crate::config::LimitsConfig,
+    instance: &str,
+    app: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    if instance.is_empty() || instance.len() > limits.max_instance_id_bytes {
+        return Err(format!(
+            "instance must be 1 to {} bytes (limits.max_instance_id_bytes)",
+            limits.max_instance_id_bytes
+        ));
+    }
+    if instance.chars().any(unprintable) {
+        return Err(
+            "instance may not contain control or bidirectional formatting characters".into(),
+        );
+    }
+    if app.is_some_and(|a| a.len() > limits.max_label_bytes || a.chars().any(unprintable)) {
+        return Err(format!(
+            "app must be at most {} bytes of printable characters (limits.max_label_bytes)",
+            limits.max_label_bytes
+        ));
+    }
+    if labels.len() > limits.max_labels {
+        return Err(format!(
+            "at most {} labels (limits.max_labels)",
+            limits.max_labels
+        ));
+    }
+    for (k, v) in labels {
+        if k.is_empty()
+            || k.len() > limits.max_label_bytes
+            || v.len() > limits.max_label_bytes
+            || k.chars().chain(v.chars()).any(unprintable)
+        {
+            return Err(format!(
+                "label keys (non-empty) and values must be at most {} bytes of printable characters (limits.max_label_bytes)",
+                limits.max_label_bytes
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_checks_bound_what_an_instance_stores() {
+        let limits = crate::config::LimitsConfig::default();
+        let ok = BTreeMap::from([("zone".to_string(), "eu-1".to_string())]);
+        assert!(check_hello(&limits, "web-1", Some("web"), &ok).is_ok());
+        assert!(check_hello(&limits, "", None, &ok).is_err());
+        assert!(check_hello(&limits, &"x".repeat(201), None, &ok).is_err());
+        assert!(check_hello(&limits, "web\u{202e}1", None, &ok).is_err());
+        assert!(check_hello(&limits, "web\n1", None, &ok).is_err());
+        assert!(check_hello(&limits, "web-1", Some(&"a".repeat(257)), &ok).is_err());
+        let many: BTreeMap<String, String> = (0..33)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert!(check_hello(&limits, "web-1", None, &many).is_err());
+        let long = BTreeMap::from([("k".to_string(), "v".repeat(257))]);
+        assert!(check_hello(&limits, "web-1", None, &long).is_err());
+        let empty_key = BTreeMap::from([(String::new(), "v".to_string())]);
+        assert!(check_hello(&limits, "web-1", None, &empty_key).is_err());
+    }
+
+    #[test]
+    fn truncate_cuts_at_a_character_boundary() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
     }
 }

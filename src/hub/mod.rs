@@ -26,11 +26,19 @@ pub struct Frame {
     pub text: Utf8Bytes,
 }
 
+struct Holder {
+    connection: u64,
+    /// Told when the id is taken over by a newer connection.
+    replaced: Arc<Notify>,
+    /// The credential it connected with: only the same credential may take the id over.
+    credential: String,
+}
+
 pub struct Hub {
     ring: broadcast::Sender<Arc<Frame>>,
     wake: Arc<Notify>,
-    /// instance id -> (connection id, signal to close it when replaced)
-    live: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    /// instance id -> the connection holding it on this replica
+    live: Mutex<HashMap<String, Holder>>,
     next_connection: std::sync::atomic::AtomicU64,
 }
 
@@ -103,23 +111,38 @@ impl Hub {
         }
     }
 
-    /// Registers `instance` on a new connection; an older connection of the same id is told to close.
-    fn claim(&self, instance: &str) -> (u64, Arc<Notify>) {
+    /// Registers `instance` on a new connection; an older connection of the same id is told to
+    /// close. `None` when the id is held by a connection with another credential: a client cannot
+    /// push an instance it does not hold the credential of off its connection.
+    fn claim(&self, instance: &str, credential: &str) -> Option<(u64, Arc<Notify>)> {
         let id = self
             .next_connection
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let signal = Arc::new(Notify::new());
-        if let Ok(mut live) = self.live.lock() {
-            if let Some((_, old)) = live.insert(instance.to_string(), (id, signal.clone())) {
-                old.notify_one();
-            }
+        let mut live = self.live.lock().ok()?;
+        if live
+            .get(instance)
+            .is_some_and(|held| held.credential != credential)
+        {
+            return None;
         }
-        (id, signal)
+        let holder = Holder {
+            connection: id,
+            replaced: signal.clone(),
+            credential: credential.to_string(),
+        };
+        if let Some(old) = live.insert(instance.to_string(), holder) {
+            old.replaced.notify_one();
+        }
+        Some((id, signal))
     }
 
     fn release(&self, instance: &str, connection: u64) {
         if let Ok(mut live) = self.live.lock() {
-            if live.get(instance).is_some_and(|(id, _)| *id == connection) {
+            if live
+                .get(instance)
+                .is_some_and(|h| h.connection == connection)
+            {
                 live.remove(instance);
             }
         }

@@ -253,6 +253,46 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, AppError> {
     Ok(bytes::Bytes::from(buf))
 }
 
+/// Reads the body within the server's budget of webhook bytes in flight and its read deadline, so
+/// stalled or huge uploads cannot pile up before any signature can be checked.
+async fn read_bounded_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, AppError> {
+    let limits = &app.config.limits;
+    let max = app.config.server.max_body_bytes;
+    let announced = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let need = announced
+        .unwrap_or(max)
+        .clamp(1, max)
+        .min(limits.webhook_bytes_in_flight.max(1));
+    let Ok(_budget) = app
+        .webhook_bytes
+        .clone()
+        .try_acquire_many_owned(u32::try_from(need).unwrap_or(u32::MAX))
+    else {
+        tracing::warn!(
+            need,
+            "webhook refused: limits.webhook_bytes_in_flight is in use"
+        );
+        return Err(AppError::Busy(
+            "too many webhook bytes in flight (limits.webhook_bytes_in_flight); retry later".into(),
+        ));
+    };
+    let deadline = std::time::Duration::from_secs(limits.body_read_timeout_secs.max(1));
+    match tokio::time::timeout(deadline, read_body(body, max)).await {
+        Ok(result) => result,
+        Err(_) => Err(AppError::Timeout(format!(
+            "the request body did not arrive within {} s (limits.body_read_timeout_secs)",
+            deadline.as_secs()
+        ))),
+    }
+}
+
 /// `POST /webhooks/{repo}`.
 pub async fn handle(
     State(app): State<AppState>,
@@ -265,7 +305,7 @@ pub async fn handle(
             "no repo named `{repo}` is configured"
         )));
     };
-    let body = read_body(body, app.config.server.max_body_bytes).await?;
+    let body = read_bounded_body(&app, &headers, body).await?;
     let now = crate::store::now_ms() / 1000;
     let delivery = receive(
         &headers,
