@@ -14,6 +14,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub mod close {
     /// The server is shutting down; reconnect (to another replica) and resume.
     pub const GOING_AWAY: u16 = 1001;
+    /// A client message was larger than the server accepts (`limits.max_client_message_bytes`).
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The client did not keep up with the live stream and fell out of its bounded queue; reconnect and resume.
     pub const SLOW_CONSUMER: u16 = 4008;
     /// No pong or frame arrived within the keepalive timeout.

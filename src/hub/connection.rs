@@ -143,7 +143,14 @@ impl Connection {
                     return End::Close(close::REPLACED, "instance connected again elsewhere");
                 }
                 incoming = self.socket.recv() => {
-                    let Some(Ok(message)) = incoming else { return End::ClientGone };
+                    let message = match incoming {
+                        Some(Ok(message)) => message,
+                        // Say why before going, when the socket can still take a frame.
+                        Some(Err(e)) if e.to_string().contains("Message too long") => {
+                            return End::Close(close::MESSAGE_TOO_BIG, "message too big (limits.max_client_message_bytes)");
+                        }
+                        _ => return End::ClientGone,
+                    };
                     self.last_heard = Instant::now();
                     if let Some(end) = self.on_message(message).await {
                         return end;
