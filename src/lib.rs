@@ -103,15 +103,7 @@ mod server {
             let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
             tracker.spawn(async move { store.watch(wake, token).await });
         }
-        let syncers = Syncers::start(
-            &config.repos,
-            &config.retention,
-            data_dir,
-            store.clone(),
-            hub.clone(),
-            &tracker,
-            token.clone(),
-        );
+        let syncers = Syncers::start(&config, store.clone(), hub.clone(), &tracker, token.clone());
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         // The replica's name: the host's (the environment may not say: systemd sets no HOSTNAME).
         let host = std::env::var("HOSTNAME")
