@@ -7,8 +7,10 @@
 //! top-level entries (`DIR/payments`) are symlinks into `current`.
 //!
 //! Must never: write outside `DIR` (paths with `..`, absolute paths or anything but plain names are
-//! refused, and an existing entry the agent did not create is never replaced), or ack `applied`
-//! for a version whose reload command failed.
+//! refused, and an existing entry the agent did not create is never replaced), write git metadata
+//! (a `.git` component in any case) or a name that displays as something else (control and bidi
+//! characters), or ack `applied` for a version whose reload command failed. The server refuses such
+//! paths too; the agent checks again because it is the one that writes.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -49,10 +51,8 @@ pub enum AgentError {
 /// Why a version could not be applied; sent as the ack's error.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ApplyError {
-    #[error(
-        "refused path `{0}`: only relative paths of plain names inside the directory are written"
-    )]
-    UnsafePath(String),
+    #[error("refused path {path:?}: it {reason}; only plain relative paths inside the directory are written (nothing of this version was)")]
+    UnsafePath { path: String, reason: String },
     #[error("refused: {0} exists and was not created by confcast; move it away")]
     Foreign(String),
     #[error("writing files failed: {0}")]
@@ -63,20 +63,22 @@ pub enum ApplyError {
 
 /// Checks that a server-given path is a plain relative path that stays inside the directory.
 pub fn safe_path(path: &str) -> Result<PathBuf, ApplyError> {
-    let unsafe_path = || ApplyError::UnsafePath(path.to_string());
-    if path.is_empty() || path.contains('\0') || path.contains('\\') {
-        return Err(unsafe_path());
-    }
-    let p = Path::new(path);
+    let refuse = |reason: String| ApplyError::UnsafePath {
+        path: path.to_string(),
+        reason,
+    };
+    crate::protocol::check_path(path.as_bytes()).map_err(|why| refuse(why.to_string()))?;
+    // `Path::components` would quietly drop a `.` inside the path; `check_path` has refused those,
+    // so every component here is a plain name.
     let mut clean = PathBuf::new();
-    for c in p.components() {
+    for c in Path::new(path).components() {
         match c {
             Component::Normal(name) if name != META => clean.push(name),
-            _ => return Err(unsafe_path()),
+            Component::Normal(_) => {
+                return Err(refuse(format!("names the agent's own directory `{META}`")))
+            }
+            _ => return Err(refuse("is not a plain relative path".into())),
         }
-    }
-    if clean.as_os_str().is_empty() {
-        return Err(unsafe_path());
     }
     Ok(clean)
 }
@@ -359,7 +361,7 @@ pub async fn run(
                         if opts.rollback_on_failure
                             || matches!(
                                 e,
-                                ApplyError::UnsafePath(_)
+                                ApplyError::UnsafePath { .. }
                                     | ApplyError::Foreign(_)
                                     | ApplyError::Io(_)
                             )
@@ -446,9 +448,24 @@ mod tests {
             "a\\..\\b",
             ".confcast/state/x",
             "a/\0b",
+            "a/./b",
+            "a//b",
+            "payments/.git/config",
+            "payments/.GIT/hooks/post-checkout",
+            ".git",
+            "payments/a\\b",
+            "payments/a\u{1b}[2Jb",
+            "payments/a\u{9b}b",
+            "payments/\u{202e}lmx.toml",
         ] {
             assert!(safe_path(bad).is_err(), "{bad:?} must be refused");
         }
+        let err = safe_path("payments/.git/config").expect_err("git metadata");
+        assert_eq!(
+            err.to_string(),
+            "refused path \"payments/.git/config\": it has a `.git` component (git metadata); \
+             only plain relative paths inside the directory are written (nothing of this version was)"
+        );
         assert_eq!(
             safe_path("payments/app.toml").expect("plain path"),
             PathBuf::from("payments/app.toml")
@@ -503,9 +520,39 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = materialize(dir.path(), &files(&[("ok/a", "1"), ("../escape", "x")]))
             .expect_err("refused");
-        assert_eq!(err, ApplyError::UnsafePath("../escape".into()));
+        assert!(
+            matches!(&err, ApplyError::UnsafePath { path, .. } if path == "../escape"),
+            "{err:?}"
+        );
         assert!(!dir.path().join("ok").exists());
         assert!(!dir.path().parent().expect("parent").join("escape").exists());
+    }
+
+    #[test]
+    fn git_metadata_from_the_server_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for bad in [
+            "payments/.git/config",
+            "payments/.Git/hooks/x",
+            "payments/a\\b",
+        ] {
+            let err = materialize(
+                dir.path(),
+                &files(&[("payments/app.toml", "port = 1\n"), (bad, "x")]),
+            )
+            .expect_err("refused");
+            assert!(
+                matches!(&err, ApplyError::UnsafePath { path, .. } if path == bad),
+                "{err:?}"
+            );
+        }
+        let written: Vec<_> = std::fs::read_dir(dir.path().join(META))
+            .expect("meta")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(written.is_empty(), "no generation was started: {written:?}");
+        assert!(!dir.path().join("payments").exists());
     }
 
     #[test]

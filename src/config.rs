@@ -222,11 +222,16 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
-    /// The largest frame the server can send: a topic's files at their encoded size (base64 at
-    /// worst, 4/3), plus each file's path, sha and JSON framing. Clients must accept this much.
+    /// The largest frame the server can send; clients must accept this much. A topic's files at
+    /// their encoded size (base64 at worst, 4/3: `protocol::encode_content` never sends text that
+    /// JSON-escapes larger), plus per file up to two paths, its own and the one it replaces
+    /// (`old_path` or a `deleted` entry), each at twice its length (`"` escapes to two bytes;
+    /// control characters and backslashes never pass `protocol::check_path`), with sha, status and
+    /// JSON framing; plus 64 KiB for topic, commit, author and message (sync cuts the latter two).
     pub fn max_frame_bytes(&self) -> u64 {
         let content = self.max_topic_bytes.div_ceil(3) * 4;
-        let per_file = u64::try_from(self.max_path_bytes * 2 + 256).unwrap_or(u64::MAX);
+        let per_file = u64::try_from(self.max_path_bytes.saturating_mul(4).saturating_add(256))
+            .unwrap_or(u64::MAX);
         let files = u64::try_from(self.max_topic_files).unwrap_or(u64::MAX);
         content
             .saturating_add(per_file.saturating_mul(files))
@@ -1035,5 +1040,62 @@ secret_env = "HOOK_SECRET"
             .expect_err("duplicate")
             .to_string()
             .contains("repos[1].name"));
+    }
+
+    /// The worst frames the caps allow: every file at the cap with content that escapes badly
+    /// (forced to base64), paths of `"` (escaped to twice their length), each file replacing
+    /// another (a rename's `old_path`, or an add beside a delete), commit message and author cut
+    /// to their longest, all control characters.
+    #[test]
+    fn the_largest_frames_fit_max_frame_bytes_and_the_default_client_limit() {
+        use crate::protocol::{encode_content, Change, FileChange, FileStatus, ServerMessage};
+        use crate::sync::git::{MAX_AUTHOR_BYTES, MAX_MESSAGE_BYTES};
+        let limits = LimitsConfig {
+            max_topic_bytes: 200_000,
+            max_topic_files: 2_000,
+            max_path_bytes: 1024,
+            ..LimitsConfig::default()
+        };
+        let path = |n: usize| format!("{}{n:04}", "\"".repeat(1020));
+        let (content, encoding) = encode_content(&[0x01; 100]);
+        let file = |n: usize, status, old_path| FileChange {
+            path: path(n),
+            status,
+            old_path,
+            sha: "f".repeat(40),
+            content: (status != FileStatus::Deleted).then(|| content.clone()),
+            encoding,
+        };
+        let renames = (0..2_000)
+            .map(|n| file(n, FileStatus::Renamed, Some(path(n + 5_000))))
+            .collect();
+        let adds_and_deletes = (0..2_000)
+            .map(|n| file(n, FileStatus::Added, None))
+            .chain((0..2_000).map(|n| file(n + 5_000, FileStatus::Deleted, None)))
+            .collect();
+        for files in [renames, adds_and_deletes] {
+            let frame = serde_json::to_string(&ServerMessage::Change(Change {
+                seq: u64::MAX,
+                topic: "\"".repeat(1024),
+                version: u64::MAX,
+                previous_version: u64::MAX,
+                commit: "f".repeat(40),
+                author: "\u{1}".repeat(MAX_AUTHOR_BYTES),
+                message: "\u{1}".repeat(MAX_MESSAGE_BYTES),
+                files,
+            }))
+            .expect("serializes");
+            assert!(
+                frame.len() as u64 <= limits.max_frame_bytes(),
+                "{} > {}",
+                frame.len(),
+                limits.max_frame_bytes()
+            );
+        }
+        let default = LimitsConfig::default().max_frame_bytes();
+        assert!(
+            default <= crate::client::DEFAULT_MAX_FRAME_BYTES as u64,
+            "the bundled client must accept the default largest frame ({default} bytes)"
+        );
     }
 }

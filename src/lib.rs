@@ -132,15 +132,7 @@ mod server {
             let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
             tracker.spawn(async move { store.watch(wake, token).await });
         }
-        let syncers = Syncers::start(
-            &config.repos,
-            &config.retention,
-            data_dir,
-            store.clone(),
-            hub.clone(),
-            &tracker,
-            token.clone(),
-        );
+        let syncers = Syncers::start(&config, store.clone(), hub.clone(), &tracker, token.clone());
         let port = addr.port();
         // The replica's name: the host's (the environment may not say: systemd sets no HOSTNAME).
         let host = std::env::var("HOSTNAME")

@@ -207,16 +207,37 @@ impl Encoding {
     }
 }
 
-/// Encodes file bytes for the wire: text stays text, binary becomes base64.
+/// Encodes file bytes for the wire: text stays text, binary becomes base64. So does text that
+/// would grow more in JSON than in base64 (a control character escapes to six bytes): the largest
+/// frame is then bounded by the base64 size of the files (`LimitsConfig::max_frame_bytes`).
 pub fn encode_content(bytes: &[u8]) -> (String, Encoding) {
     use base64::Engine as _;
     match std::str::from_utf8(bytes) {
-        Ok(text) if !text.contains('\0') => (text.to_owned(), Encoding::Utf8),
+        Ok(text) if !text.contains('\0') && json_escaped_len(text) <= base64_len(bytes.len()) => {
+            (text.to_owned(), Encoding::Utf8)
+        }
         _ => (
             base64::engine::general_purpose::STANDARD.encode(bytes),
             Encoding::Base64,
         ),
     }
+}
+
+/// Padded base64 length of `n` bytes.
+fn base64_len(n: usize) -> usize {
+    n.div_ceil(3).saturating_mul(4)
+}
+
+/// The length of `text` inside a JSON string as serde_json writes it: `"` and `\` and the short
+/// escapes take two bytes, other C0 controls six (`\u001f`), everything else (DEL, non-ASCII) as is.
+fn json_escaped_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 /// Decodes wire content back to bytes.
@@ -226,6 +247,71 @@ pub fn decode_content(content: &str, encoding: Encoding) -> Result<Vec<u8>, base
         Encoding::Utf8 => Ok(content.as_bytes().to_vec()),
         Encoding::Base64 => base64::engine::general_purpose::STANDARD.decode(content),
     }
+}
+
+/// Why a file path may not cross the wire or be written. Paths name files an agent creates and
+/// that people read in logs and dashboards: anything but plain relative names could escape the
+/// target directory, plant git metadata (a `.git/config` whose `core.fsmonitor` runs on the next
+/// `git status`), or show something other than what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathRefusal {
+    #[error("is empty")]
+    Empty,
+    #[error("is not valid UTF-8")]
+    NotUtf8,
+    #[error("is absolute")]
+    Absolute,
+    #[error("has an empty, `.` or `..` component")]
+    NotPlain,
+    #[error("has a `.git` component (git metadata)")]
+    GitDir,
+    #[error("contains a backslash")]
+    Backslash,
+    #[error("contains a control character")]
+    Control,
+    #[error("contains a bidirectional override or isolate character")]
+    Bidi,
+}
+
+/// Unicode bidirectional embeddings, overrides (U+202A..U+202E) and isolates (U+2066..U+2069):
+/// they make a name display in another order than its bytes.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Checks a repo path given as the raw bytes git stores; returns it as text when it is a plain
+/// relative `/`-separated path. The server never publishes a file at a refused path, and clients
+/// must refuse to write one whatever the server sends.
+pub fn check_path(raw: &[u8]) -> Result<&str, PathRefusal> {
+    if raw.is_empty() {
+        return Err(PathRefusal::Empty);
+    }
+    let path = std::str::from_utf8(raw).map_err(|_| PathRefusal::NotUtf8)?;
+    if path.starts_with('/') {
+        return Err(PathRefusal::Absolute);
+    }
+    for c in path.chars() {
+        if c == '\\' {
+            return Err(PathRefusal::Backslash);
+        }
+        // `char::is_control` is exactly C0, DEL and C1.
+        if c.is_control() {
+            return Err(PathRefusal::Control);
+        }
+        if is_bidi_control(c) {
+            return Err(PathRefusal::Bidi);
+        }
+    }
+    for name in path.split('/') {
+        if name.is_empty() || name == "." || name == ".." {
+            return Err(PathRefusal::NotPlain);
+        }
+        // Case-insensitive: `.GIT` is the same directory on macOS and Windows file systems.
+        if name.eq_ignore_ascii_case(".git") {
+            return Err(PathRefusal::GitDir);
+        }
+    }
+    Ok(path)
 }
 
 /// Whether `topic` matches a subscription pattern: exact, `*` for everything, or a `prefix/*`
@@ -308,5 +394,68 @@ mod tests {
         let (b64, enc) = encode_content(&binary);
         assert_eq!(enc, Encoding::Base64);
         assert_eq!(decode_content(&b64, enc).expect("valid base64"), binary);
+    }
+
+    #[test]
+    fn text_that_escapes_larger_than_base64_goes_as_base64() {
+        // 100 control characters: 600 bytes as JSON text, 136 as base64.
+        let controls = vec![0x01u8; 100];
+        let (b64, enc) = encode_content(&controls);
+        assert_eq!((enc, b64.len()), (Encoding::Base64, 136));
+        assert_eq!(decode_content(&b64, enc).expect("valid base64"), controls);
+        // Ordinary config text, quotes, tabs and newlines included, stays text.
+        let toml = b"[server]\n\tname = \"payments\"\n\tport = 8443\n";
+        assert_eq!(encode_content(toml).1, Encoding::Utf8);
+        for text in ["a\u{1}b\u{2}c", "\"\"\"\"\"\"", "x\u{1b}[31m\u{1b}[0m"] {
+            let (content, enc) = encode_content(text.as_bytes());
+            let json = serde_json::to_string(&content).expect("serializes");
+            assert!(
+                json.len() - 2 <= base64_len(text.len()),
+                "{text:?} became {enc:?} of {} bytes",
+                json.len() - 2
+            );
+        }
+    }
+
+    #[test]
+    fn only_plain_relative_paths_pass() {
+        for (path, why) in [
+            (&b""[..], PathRefusal::Empty),
+            (b"/etc/passwd", PathRefusal::Absolute),
+            (b"payments/../x", PathRefusal::NotPlain),
+            (b"../x", PathRefusal::NotPlain),
+            (b"payments/./x", PathRefusal::NotPlain),
+            (b"payments//x", PathRefusal::NotPlain),
+            (b"payments/", PathRefusal::NotPlain),
+            (b"payments/a\\b", PathRefusal::Backslash),
+            (b"payments/.git/config", PathRefusal::GitDir),
+            (b"payments/.GIT/hooks/x", PathRefusal::GitDir),
+            (b".Git", PathRefusal::GitDir),
+            (b"payments/a\nb", PathRefusal::Control),
+            (b"payments/a\x7fb", PathRefusal::Control),
+            ("payments/a\u{85}b".as_bytes(), PathRefusal::Control),
+            ("payments/cod\u{202e}lmx.toml".as_bytes(), PathRefusal::Bidi),
+            ("payments/\u{2066}x".as_bytes(), PathRefusal::Bidi),
+            (b"payments/\xff\xfe.toml", PathRefusal::NotUtf8),
+        ] {
+            assert_eq!(
+                check_path(path),
+                Err(why),
+                "{:?}",
+                path.escape_ascii().to_string()
+            );
+        }
+        for ok in [
+            "payments/app.toml",
+            "payments/.gitignore",
+            "payments/.git-config/x",
+            "payments/git",
+            "payments/..x",
+            "payments/x..",
+            "zahlungen/grüße.toml",
+            "a b/c\"d.json",
+        ] {
+            assert_eq!(check_path(ok.as_bytes()), Ok(ok));
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 mod util;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -19,12 +19,16 @@ impl Drop for Agent {
 }
 
 fn start_agent(server: &TestServer, name: &str, dir: &Path, exec: &str, extra: &[&str]) -> Agent {
+    start_agent_at(&server.ws_url(), name, dir, exec, extra)
+}
+
+fn start_agent_at(url: &str, name: &str, dir: &Path, exec: &str, extra: &[&str]) -> Agent {
     let log = std::fs::File::create(dir.with_extension("log")).expect("agent log");
     let child = Command::new(env!("CARGO_BIN_EXE_confcast"))
         .args([
             "agent",
             "--server",
-            &server.ws_url(),
+            url,
             "--instance",
             name,
             "--topic",
@@ -243,4 +247,119 @@ async fn agent_restarts_on_its_last_good_config_while_the_server_is_down() {
         std::fs::read_to_string(&app_toml).is_ok_and(|s| s == "port = 8443\n")
     })
     .await;
+}
+
+/// A server that is not confcast (or one that went wrong): it answers `hello`, sends one snapshot
+/// of `payments` holding `files` ((path, content) pairs) and returns the first ack it gets.
+async fn serve_one_snapshot(
+    files: &[(&str, &str)],
+) -> (String, tokio::task::JoinHandle<serde_json::Value>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("ws://{}/ws", listener.local_addr().expect("addr"));
+    let files: Vec<serde_json::Value> = files
+        .iter()
+        .map(|(path, content)| serde_json::json!({"path": path, "sha": "0".repeat(40), "content": content}))
+        .collect();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("agent connects");
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        let send = |v: serde_json::Value| Message::Text(v.to_string().into());
+        loop {
+            let Some(Ok(Message::Text(text))) = ws.next().await else {
+                panic!("the agent hung up before acking");
+            };
+            let frame: serde_json::Value = serde_json::from_str(&text).expect("JSON frame");
+            match frame["type"].as_str() {
+                Some("hello") => {
+                    let welcome = serde_json::json!({"type": "welcome", "protocol": 1, "server": "fake",
+                        "instance": frame["instance"], "heartbeat_secs": 60});
+                    ws.send(send(welcome)).await.expect("welcome");
+                }
+                Some("subscribe") => {
+                    let snapshot = serde_json::json!({"type": "snapshot", "topic": "payments", "version": 1,
+                        "seq": 1, "commit": "c".repeat(40), "files": files});
+                    let subscribed = serde_json::json!({"type": "subscribed", "topics": frame["topics"],
+                        "seq": 1, "mode": "snapshot"});
+                    ws.send(send(snapshot)).await.expect("snapshot");
+                    ws.send(send(subscribed)).await.expect("subscribed");
+                }
+                Some("ack") => return frame,
+                _ => {}
+            }
+        }
+    });
+    (url, task)
+}
+
+/// Every entry under `dir`, recursively (symlinks not followed).
+fn entries_under(dir: &Path) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(path.clone());
+            }
+            all.push(path);
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_git_metadata_and_backslashes_whatever_the_server_sends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("payments/.git/config", "`.git` component"),
+        ("payments/.GIT/hooks/post-checkout", "`.git` component"),
+        ("payments/a\\b.toml", "backslash"),
+        ("payments/\u{202e}lmx.toml", "bidirectional"),
+    ];
+    for (n, (bad, why)) in cases.into_iter().enumerate() {
+        let (url, server) = serve_one_snapshot(&[
+            ("payments/app.toml", "port = 1\n"),
+            (bad, "[core]\n\tfsmonitor = touch pwned\n"),
+        ])
+        .await;
+        let target = dir.path().join(format!("etc-app-{n}"));
+        let _agent = start_agent_at(
+            &url,
+            &format!("agent-h{n}"),
+            &target,
+            r#"touch "$CONFCAST_DIR/../reloaded""#,
+            &[],
+        );
+        let ack = tokio::time::timeout(WAIT, server)
+            .await
+            .expect("an ack in time")
+            .expect("fake server");
+        assert_eq!(
+            (ack["status"].as_str(), ack["version"].as_u64()),
+            (Some("failed"), Some(1))
+        );
+        let error = ack["error"].as_str().expect("error text");
+        assert!(
+            error.contains(&format!("{bad:?}")) && error.contains(why),
+            "{error}"
+        );
+        // Nothing of the version is written, not even its good file, and no reload ran.
+        let all = entries_under(&target);
+        assert!(
+            !all.iter().any(|p| p
+                .file_name()
+                .is_some_and(|n| n.eq_ignore_ascii_case(".git"))),
+            "{all:?}"
+        );
+        let written: Vec<PathBuf> = all
+            .into_iter()
+            .filter(|p| !p.starts_with(target.join(".confcast")))
+            .collect();
+        assert!(written.is_empty(), "{bad:?}: wrote {written:?}");
+        assert!(!dir.path().join("reloaded").exists());
+    }
 }

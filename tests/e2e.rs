@@ -775,3 +775,43 @@ async fn a_truncated_body_gets_a_clear_400() {
     assert!(reply.contains("could not read the request body"), "{reply}");
     assert_eq!(server.get("/healthz").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_over_the_websocket_default_limit_reach_instances() {
+    // Two binary files of 7 MiB, each under the default max_file_bytes (8 MiB): one change and one
+    // snapshot of about 19 MB in base64, over tungstenite's default 16 MiB frame limit and within
+    // the client's (DEFAULT_MAX_FRAME_BYTES). A client that refused it would reconnect forever.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "big", &["blobs"]).await;
+    let blob = |seed: usize| -> Vec<u8> {
+        (0..7 * 1024 * 1024)
+            .map(|n: usize| (n.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect()
+    };
+    let (a, b) = (blob(1), blob(2));
+    let c = repo
+        .commit(
+            "main",
+            &[
+                ("blobs/a.bin", Some(a.as_slice())),
+                ("blobs/b.bin", Some(b.as_slice())),
+            ],
+            "big",
+        )
+        .expect("commit");
+    server.github_push("main", &c.to_string(), SECRET).await;
+    let change = i.next_change().await;
+    assert_eq!(change.files.len(), 2);
+    let decoded = |f: &confcast::protocol::FileChange| {
+        confcast::protocol::decode_content(f.content.as_deref().expect("content"), f.encoding)
+            .expect("base64")
+    };
+    assert!(decoded(&change.files[0]) == a && decoded(&change.files[1]) == b);
+    let (_, snapshots) = Instance::subscribed(&server, "late", &["blobs"]).await;
+    let files = &snapshots[0].files;
+    let frame: usize = files.iter().map(|f| f.content.len()).sum();
+    assert!(frame > 16 * 1024 * 1024, "{frame}");
+}

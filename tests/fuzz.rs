@@ -127,10 +127,26 @@ proptest! {
     }
 
     #[test]
-    fn agent_paths_stay_inside(path in "[a-z./\\\\]{0,30}") {
+    fn agent_paths_stay_inside(path in "(\\.[gG][iI][tT]|[a-z./\\\\]){0,20}") {
         if let Ok(clean) = confcast::agent::safe_path(&path) {
             prop_assert!(clean.is_relative());
             prop_assert!(clean.components().all(|c| matches!(c, std::path::Component::Normal(_))));
+            prop_assert!(clean.components().all(|c| !c.as_os_str().eq_ignore_ascii_case(".git")), "{path:?}");
+        }
+    }
+
+    #[test]
+    fn content_is_never_larger_in_json_than_in_base64(
+        bytes in proptest::collection::vec(any::<u8>(), 0..512),
+        text in "[\\x00-\\x20\"\\\\a-z\u{e9}\u{7f}]{0,300}",
+    ) {
+        use confcast::protocol::{decode_content, encode_content};
+        // The frame bound (`LimitsConfig::max_frame_bytes`) counts content at its base64 size.
+        for input in [bytes.as_slice(), text.as_bytes()] {
+            let (content, encoding) = encode_content(input);
+            let json = serde_json::to_string(&content).expect("serializes");
+            prop_assert!(json.len() - 2 <= input.len().div_ceil(3) * 4, "{input:?} as {encoding:?}");
+            prop_assert_eq!(decode_content(&content, encoding).expect("decodes"), input);
         }
     }
 

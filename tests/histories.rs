@@ -5,7 +5,7 @@ mod util;
 use std::time::Duration;
 
 use confcast::protocol::FileStatus;
-use util::{config_repo, Instance, TestServer, SECRET};
+use util::{commit_raw, config_repo, Instance, TestServer, SECRET};
 
 async fn sync(server: &TestServer) {
     let before = server.get("/api/v1/repos").await.1["repos"][0]["syncs"]
@@ -398,5 +398,262 @@ async fn two_repos_cannot_publish_the_same_topic() {
     assert_eq!(
         (topic["version"].as_u64(), topic["repo"].as_str()),
         (Some(1), Some("cfg"))
+    );
+}
+
+/// The rejection of `topic` in `GET /api/v1/repos`, if any.
+async fn rejection(server: &TestServer, topic: &str) -> Option<serde_json::Value> {
+    let (_, repos) = server.get("/api/v1/repos").await;
+    repos["repos"][0]["rejections"]
+        .as_array()?
+        .iter()
+        .find(|r| r["topic"] == topic)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_paths_hold_their_topic_back_until_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "h", &["payments", "billing"]).await;
+
+    // Each path on its own: the rejection names it (escaped) and why; removing it releases the topic.
+    let cases: [(&[u8], &str, &str); 7] = [
+        (b"payments/../x", "payments/../x", "`..` component"),
+        (b"payments/a\\b", "payments/a\\\\b", "backslash"),
+        (
+            b"payments/.git/config",
+            "payments/.git/config",
+            "`.git` component",
+        ),
+        (
+            b"payments/.GIT/hooks/x",
+            "payments/.GIT/hooks/x",
+            "`.git` component",
+        ),
+        (
+            b"payments/ctl\x1b[2J.toml",
+            "payments/ctl\\u{1b}[2J.toml",
+            "control character",
+        ),
+        (
+            "payments/cod\u{202e}lmx.toml".as_bytes(),
+            "payments/cod\\u{202e}lmx.toml",
+            "bidirectional",
+        ),
+        (
+            b"payments/\xff\xfe.toml",
+            "payments/\\xff\\xfe.toml",
+            "not valid UTF-8",
+        ),
+    ];
+    for (raw, shown, why) in cases {
+        commit_raw(
+            &repo,
+            "main",
+            &[(raw, Some(b"x = 1\n".as_slice()))],
+            "hostile",
+        );
+        sync(&server).await;
+        let r = rejection(&server, "payments")
+            .await
+            .unwrap_or_else(|| panic!("{shown} is held back"));
+        assert_eq!(r["path"], shown);
+        let message = r["message"].as_str().expect("message");
+        assert!(
+            message.contains(shown) && message.contains(why),
+            "{message}"
+        );
+        commit_raw(&repo, "main", &[(raw, None)], "removed");
+        sync(&server).await;
+        assert!(
+            rejection(&server, "payments").await.is_none(),
+            "{shown}: released"
+        );
+    }
+    assert!(
+        i.maybe_next(Duration::from_millis(200)).await.is_none(),
+        "nothing of it was broadcast"
+    );
+
+    // All at once, two names that are not UTF-8 (they used to collide) and a valid change of
+    // payments: payments waits, billing from the same commit is published.
+    let hostile: [&[u8]; 7] = [
+        b"payments/../x",
+        b"payments/a\\b",
+        b"payments/.git/config",
+        b"payments/.GIT/hooks/x",
+        b"payments/ctl\x01.toml",
+        b"payments/\xff.toml",
+        b"payments/\xfe.toml",
+    ];
+    let mut files: Vec<(&[u8], Option<&[u8]>)> = hostile
+        .iter()
+        .map(|p| {
+            (
+                *p,
+                Some(b"[core]\n\tfsmonitor = touch /tmp/pwned\n".as_slice()),
+            )
+        })
+        .collect();
+    files.push((b"payments/app.toml", Some(b"port = 7000\n".as_slice())));
+    files.push((b"billing/plans.yaml", Some(b"plans: [h]\n".as_slice())));
+    commit_raw(&repo, "main", &files, "hostile and good");
+    sync(&server).await;
+    assert_eq!(i.next_change().await.topic, "billing");
+    assert!(
+        i.maybe_next(Duration::from_millis(300)).await.is_none(),
+        "payments is held back"
+    );
+    assert!(rejection(&server, "payments").await.is_some());
+    let topic = server.wait_topic("payments", |_| true).await;
+    assert_eq!(topic["version"], 1);
+
+    // Removing the hostile files publishes everything good since the last published state.
+    let removals: Vec<(&[u8], Option<&[u8]>)> = hostile.iter().map(|p| (*p, None)).collect();
+    commit_raw(&repo, "main", &removals, "clean");
+    sync(&server).await;
+    let c = i.next_change().await;
+    assert_eq!(
+        (c.topic.as_str(), c.version, c.previous_version),
+        ("payments", 2, 1)
+    );
+    let paths: Vec<&str> = c.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["payments/app.toml"]);
+    assert!(rejection(&server, "payments").await.is_none());
+}
+
+/// Asserts that payments is held back because of `path`, with `why` in the message.
+async fn expect_held(server: &TestServer, why: &str, path: &str) {
+    let r = rejection(server, "payments")
+        .await
+        .expect("payments is held back");
+    assert_eq!(r["path"], path);
+    let message = r["message"].as_str().expect("message");
+    assert!(message.contains(why), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_and_topics_over_the_size_caps_are_held_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    // payments starts with two files of 26 bytes in all.
+    let limits = "[limits]\nmax_file_bytes = 1000\nmax_topic_bytes = 3000\nmax_topic_files = 6\nmax_path_bytes = 64\n";
+    let server = TestServer::start_with(dir.path(), &repo, limits, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "s", &["payments", "billing"]).await;
+    let kb = |n: usize| vec![b'x'; n];
+
+    // One file over max_file_bytes; billing in the same commit is published.
+    let (big, ok) = (kb(1001), kb(900));
+    repo.commit(
+        "main",
+        &[
+            ("payments/big.bin", Some(big.as_slice())),
+            ("billing/plans.yaml", Some(b"plans: [s]\n".as_slice())),
+        ],
+        "too big",
+    )
+    .expect("commit");
+    sync(&server).await;
+    expect_held(
+        &server,
+        "file is 1001 bytes, over limits.max_file_bytes = 1000",
+        "payments/big.bin",
+    )
+    .await;
+    assert_eq!(i.next_change().await.topic, "billing");
+
+    // Under the caps (1826 bytes in 4 files): published, without the big file.
+    repo.commit(
+        "main",
+        &[
+            ("payments/big.bin", None),
+            ("payments/a.txt", Some(ok.as_slice())),
+            ("payments/b.txt", Some(ok.as_slice())),
+        ],
+        "fits",
+    )
+    .expect("commit");
+    sync(&server).await;
+    let c = i.next_change().await;
+    let paths: Vec<&str> = c.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        (c.topic.as_str(), c.version, paths),
+        ("payments", 2, vec!["payments/a.txt", "payments/b.txt"])
+    );
+
+    // Each file fits, the topic does not: 3626 bytes in the new tree.
+    repo.commit(
+        "main",
+        &[
+            ("payments/c.txt", Some(ok.as_slice())),
+            ("payments/d.txt", Some(ok.as_slice())),
+        ],
+        "topic too big",
+    )
+    .expect("commit");
+    sync(&server).await;
+    expect_held(
+        &server,
+        "topic `payments` files total 3626 bytes, over limits.max_topic_bytes = 3000",
+        "payments/c.txt",
+    )
+    .await;
+    assert!(i.maybe_next(Duration::from_millis(300)).await.is_none());
+    repo.commit("main", &[("payments/d.txt", None)], "smaller")
+        .expect("commit");
+    sync(&server).await;
+    let c = i.next_change().await;
+    let paths: Vec<&str> = c.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!((c.version, paths), (3, vec!["payments/c.txt"]));
+
+    // Six files is the cap; a seventh, however small, holds the topic back.
+    repo.commit(
+        "main",
+        &[
+            ("payments/e.txt", Some(b"e".as_slice())),
+            ("payments/f.txt", Some(b"f".as_slice())),
+        ],
+        "seventh",
+    )
+    .expect("commit");
+    sync(&server).await;
+    expect_held(
+        &server,
+        "topic `payments` has 7 files, over limits.max_topic_files = 6",
+        "payments/e.txt",
+    )
+    .await;
+
+    // A path over max_path_bytes.
+    let long = format!("payments/{}.txt", "p".repeat(60));
+    repo.commit(
+        "main",
+        &[
+            ("payments/e.txt", None),
+            ("payments/f.txt", None),
+            (long.as_str(), Some(b"p".as_slice())),
+        ],
+        "long path",
+    )
+    .expect("commit");
+    sync(&server).await;
+    let r = rejection(&server, "payments").await.expect("held back");
+    assert_eq!(r["path"], long.as_str());
+    assert!(
+        r["message"]
+            .as_str()
+            .expect("message")
+            .contains("is 73 bytes, over limits.max_path_bytes = 64"),
+        "{r}"
+    );
+    assert!(i.maybe_next(Duration::from_millis(300)).await.is_none());
+    let topic = server.wait_topic("payments", |_| true).await;
+    assert_eq!(
+        topic["version"], 3,
+        "instances stay on the last good version"
     );
 }

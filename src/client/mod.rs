@@ -43,6 +43,12 @@ impl From<tokio_tungstenite::tungstenite::Error> for ClientError {
     }
 }
 
+/// The largest message (and WebSocket frame) a client accepts unless told otherwise: 64 MiB,
+/// above the server's largest frame with the default `[limits]` (`LimitsConfig::max_frame_bytes`,
+/// about 63 MiB). tungstenite's own default frame limit, 16 MiB, would refuse a topic of 12 MiB in
+/// base64, and a client that refuses a frame reconnects and fetches it again forever.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
 /// Who this instance is.
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
@@ -74,7 +80,19 @@ impl Session {
         identity: &Identity,
         token: Option<&str>,
     ) -> Result<Session, ClientError> {
+        Session::connect_with_limit(url, identity, token, DEFAULT_MAX_FRAME_BYTES).await
+    }
+
+    /// Like [`Session::connect_with`], accepting server messages of up to `max_frame_bytes`
+    /// (a larger one ends the connection). It must be at least the server's `max_frame_bytes`.
+    pub async fn connect_with_limit(
+        url: &str,
+        identity: &Identity,
+        token: Option<&str>,
+        max_frame_bytes: usize,
+    ) -> Result<Session, ClientError> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
         let connect_err = |e| ClientError::Connect {
             url: url.to_string(),
             source: Box::new(e),
@@ -86,9 +104,14 @@ impl Session {
             })?;
             request.headers_mut().insert("authorization", value);
         }
-        let (socket, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .map_err(connect_err)?;
+        // The server sends each message as one frame, so both limits are the same.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max_frame_bytes))
+            .max_frame_size(Some(max_frame_bytes));
+        let (socket, _) =
+            tokio_tungstenite::connect_async_with_config(request, Some(config), false)
+                .await
+                .map_err(connect_err)?;
         let mut session = Session {
             socket,
             cursor: None,

@@ -30,6 +30,10 @@ pub struct ClientOptions {
     pub backoff_max: Duration,
     /// Keeps the resume position and the last applied files across restarts.
     pub state_dir: Option<PathBuf>,
+    /// Largest server message accepted; default [`super::DEFAULT_MAX_FRAME_BYTES`] (64 MiB). Must be
+    /// at least the server's largest frame (`max_frame_bytes` in CONFIGURATION.md section 12), or
+    /// the client drops the connection on the largest changes and snapshots and never gets them.
+    pub max_frame_bytes: usize,
 }
 
 impl ClientOptions {
@@ -49,6 +53,7 @@ impl ClientOptions {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             state_dir: None,
+            max_frame_bytes: super::DEFAULT_MAX_FRAME_BYTES,
         }
     }
 }
@@ -195,7 +200,13 @@ async fn run(
                 return;
             };
             next_url += 1;
-            match Session::connect_with(url, &options.identity, options.token.as_deref()).await {
+            let connecting = Session::connect_with_limit(
+                url,
+                &options.identity,
+                options.token.as_deref(),
+                options.max_frame_bytes,
+            );
+            match connecting.await {
                 Ok(s) => {
                     session = Some((url.clone(), s));
                     break;

@@ -4,15 +4,65 @@
 //! Blocking code: called from `spawn_blocking` only. The last published commit comes from the store,
 //! never from a webhook payload, so force pushes and lost or reordered webhooks all diff correctly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use git2::{Delta, DiffFindOptions, DiffOptions, FetchOptions, FileMode, Oid, Repository};
+use git2::{
+    Delta, DiffFindOptions, DiffOptions, FetchOptions, FileMode, ObjectType, Oid, Repository,
+};
 
 use super::auth;
-use crate::config::RepoConfig;
+use crate::config::{LimitsConfig, RepoConfig};
 use crate::protocol::FileStatus;
 use crate::store::{ChangedFile, SyncOutcome, TopicChange};
+
+/// Longest commit message and author sent in a `change`. With the topic name they must fit the
+/// fixed 64 KiB of `LimitsConfig::max_frame_bytes`, even JSON-escaped at six bytes per byte.
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024;
+pub const MAX_AUTHOR_BYTES: usize = 512;
+
+/// Why a topic's change cannot be published whatever its files say: a path that must never reach
+/// an instance, or a size over `[limits]`. Names the first file at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The path, escaped for display (`display_path`).
+    pub path: String,
+    pub message: String,
+}
+
+/// What one sync found: the outcome to publish, and the topics in it that must be held back.
+#[derive(Debug)]
+pub struct Synced {
+    pub outcome: SyncOutcome,
+    pub held: BTreeMap<String, Held>,
+}
+
+/// One topic's changed files before their content is read: content is read only once the topic is
+/// known to be publishable, so a file over the cap is never loaded into memory.
+#[derive(Default)]
+struct TopicDiff {
+    /// Each file with the blob its content is still to be read from.
+    files: Vec<(ChangedFile, Option<Oid>)>,
+    held: Option<Held>,
+}
+
+/// Blob sizes from object headers, which git reads without inflating the content.
+struct BlobSizes<'r> {
+    odb: git2::Odb<'r>,
+    known: HashMap<Oid, u64>,
+}
+
+impl BlobSizes<'_> {
+    fn of(&mut self, id: Oid) -> Result<u64, git2::Error> {
+        if let Some(size) = self.known.get(&id) {
+            return Ok(*size);
+        }
+        let (size, _) = self.odb.read_header(id)?;
+        let size = u64::try_from(size).unwrap_or(u64::MAX);
+        self.known.insert(id, size);
+        Ok(size)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -61,9 +111,10 @@ pub fn mirror_path(data_dir: &Path, repo: &str) -> PathBuf {
 pub fn sync(
     data_dir: &Path,
     repo: &RepoConfig,
+    limits: &LimitsConfig,
     last: Option<&str>,
     withheld: &BTreeMap<String, String>,
-) -> Result<Option<SyncOutcome>, GitError> {
+) -> Result<Option<Synced>, GitError> {
     let path = mirror_path(data_dir, &repo.name);
     let mirror = open_mirror(&path, repo)?;
     let head = fetch(&mirror, repo)?;
@@ -84,7 +135,18 @@ pub fn sync(
         },
         _ => None,
     };
-    let mut topics = diff_topics(&mirror, repo, tree_of(last).as_ref(), &new_tree)?;
+    let mut sizes = BlobSizes {
+        odb: mirror.odb().map_err(read("object database"))?,
+        known: HashMap::new(),
+    };
+    let mut topics = diff_topics(
+        &mirror,
+        repo,
+        limits,
+        &mut sizes,
+        tree_of(last).as_ref(),
+        &new_tree,
+    )?;
     // Topics held back by a failed validation diff from where they last were good, so nothing
     // committed since is lost when they are published again.
     topics.retain(|t, _| !withheld.contains_key(t));
@@ -94,10 +156,41 @@ pub fn sync(
     }
     for (base, names) in bases {
         let base = (!base.is_empty()).then_some(base);
-        let mut from_base = diff_topics(&mirror, repo, tree_of(base).as_ref(), &new_tree)?;
+        let mut from_base = diff_topics(
+            &mirror,
+            repo,
+            limits,
+            &mut sizes,
+            tree_of(base).as_ref(),
+            &new_tree,
+        )?;
         for name in names {
             topics.insert(name.to_string(), from_base.remove(name).unwrap_or_default());
         }
+    }
+    hold_over_totals(&mirror, repo, limits, &mut sizes, &new_tree, &mut topics)?;
+    let mut held = BTreeMap::new();
+    let mut changes = Vec::with_capacity(topics.len());
+    for (topic, diff) in topics {
+        let mut files = Vec::with_capacity(diff.files.len());
+        for (mut file, blob) in diff.files {
+            // A held-back topic is never published: its files' content is not even read.
+            if let (Some(id), None) = (blob, &diff.held) {
+                file.content = Some(
+                    mirror
+                        .find_blob(id)
+                        .map_err(read("blob"))?
+                        .content()
+                        .to_vec(),
+                );
+            }
+            files.push(file);
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        if let Some(h) = diff.held {
+            held.insert(topic.clone(), h);
+        }
+        changes.push(TopicChange { topic, files });
     }
     let author = new_commit.author();
     let author = match (author.name(), author.email()) {
@@ -105,62 +198,162 @@ pub fn sync(
         (Some(n), None) => n.to_string(),
         _ => String::new(),
     };
-    Ok(Some(SyncOutcome {
-        repo: repo.name.clone(),
-        commit: head.to_string(),
-        author,
-        message: new_commit
-            .message()
-            .unwrap_or_default()
-            .trim_end()
-            .to_string(),
-        topics: topics
-            .into_iter()
-            .map(|(topic, mut files)| {
-                files.sort_by(|a, b| a.path.cmp(&b.path));
-                TopicChange { topic, files }
-            })
-            .collect(),
-        rejected: Vec::new(),
-        cleared: Vec::new(),
+    Ok(Some(Synced {
+        outcome: SyncOutcome {
+            repo: repo.name.clone(),
+            commit: head.to_string(),
+            author: cut(&author, MAX_AUTHOR_BYTES),
+            message: cut(
+                new_commit.message().unwrap_or_default().trim_end(),
+                MAX_MESSAGE_BYTES,
+            ),
+            topics: changes,
+            rejected: Vec::new(),
+            cleared: Vec::new(),
+        },
+        held,
     }))
 }
 
-/// The changes from `old` (or nothing) to `new`, grouped by topic.
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// Modes of regular files (not symlinks, submodules or trees): the only entries ever published.
+const FILE_MODES: [FileMode; 3] = [
+    FileMode::Blob,
+    FileMode::BlobExecutable,
+    FileMode::BlobGroupWritable,
+];
+
+fn is_file(mode: FileMode) -> bool {
+    FILE_MODES.contains(&mode)
+}
+
+/// A raw git path escaped for display in the API and logs: control, bidi and other invisible
+/// characters as `\u{..}`, bytes that are not UTF-8 as `\xNN`, and cut to 200 characters (a hostile
+/// path can be any length).
+pub fn display_path(raw: &[u8]) -> String {
+    const MAX_CHARS: usize = 200;
+    let mut shown = String::new();
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                // Readable as is inside the quotes messages put around paths.
+                '\'' => shown.push(c),
+                c => shown.extend(c.escape_debug()),
+            }
+        }
+        for b in chunk.invalid() {
+            shown.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    match shown.char_indices().nth(MAX_CHARS) {
+        Some((end, _)) => format!("{}…", &shown[..end]),
+        None => shown,
+    }
+}
+
+/// Why the file at `raw` with blob `id` may not be published, if it may not: a path that is too
+/// long or not plain (`protocol::check_path`), or content over `max_file_bytes`.
+fn judge(
+    raw: &[u8],
+    id: Oid,
+    limits: &LimitsConfig,
+    sizes: &mut BlobSizes<'_>,
+) -> Result<Option<Held>, git2::Error> {
+    let path = display_path(raw);
+    let message = if raw.len() > limits.max_path_bytes {
+        format!(
+            "path \"{path}\" is {} bytes, over limits.max_path_bytes = {}",
+            raw.len(),
+            limits.max_path_bytes
+        )
+    } else if let Err(why) = crate::protocol::check_path(raw) {
+        format!("path \"{path}\" {why}: such a path is never published")
+    } else {
+        let size = sizes.of(id)?;
+        if size <= limits.max_file_bytes {
+            return Ok(None);
+        }
+        format!(
+            "file is {size} bytes, over limits.max_file_bytes = {}",
+            limits.max_file_bytes
+        )
+    };
+    Ok(Some(Held { path, message }))
+}
+
+/// The changes from `old` (or nothing) to `new`, grouped by topic, with the topics that cannot be
+/// published marked. Content is not read yet.
 fn diff_topics(
     mirror: &Repository,
     repo: &RepoConfig,
+    limits: &LimitsConfig,
+    sizes: &mut BlobSizes<'_>,
     old_tree: Option<&git2::Tree<'_>>,
     new_tree: &git2::Tree<'_>,
-) -> Result<BTreeMap<String, Vec<ChangedFile>>, GitError> {
+) -> Result<BTreeMap<String, TopicDiff>, GitError> {
     let read = |what: &'static str| read_error(repo, what);
     let mut opts = DiffOptions::new();
     opts.include_typechange(true);
     let mut diff = mirror
         .diff_tree_to_tree(old_tree, Some(new_tree), Some(&mut opts))
         .map_err(read("diff"))?;
+    // libgit2 measures similarity on whole blobs: with a file over the cap among the rename
+    // candidates (added and deleted files), only identical content counts as a rename, so that
+    // file is never loaded.
+    let mut oversized = false;
+    for delta in diff.deltas() {
+        if !matches!(delta.status(), Delta::Added | Delta::Deleted) {
+            continue;
+        }
+        for f in [delta.old_file(), delta.new_file()] {
+            if is_file(f.mode())
+                && sizes.of(f.id()).map_err(read("blob header"))? > limits.max_file_bytes
+            {
+                oversized = true;
+            }
+        }
+    }
     let mut find = DiffFindOptions::new();
     find.renames(true);
+    find.exact_match_only(oversized);
     diff.find_similar(Some(&mut find))
         .map_err(read("rename detection"))?;
 
-    let mut topics: BTreeMap<String, Vec<ChangedFile>> = BTreeMap::new();
+    let mut topics: BTreeMap<String, TopicDiff> = BTreeMap::new();
     for delta in diff.deltas() {
         let new_file = delta.new_file();
         let old_file = delta.old_file();
-        let path_of = |f: &git2::DiffFile<'_>| f.path().map(|p| p.to_string_lossy().into_owned());
+        // Judged on the raw bytes: a lossy conversion first would make distinct names that are
+        // not UTF-8 collide, and hide them. Removals are not judged, so a file published before
+        // paths were checked can still be deleted.
+        let lossy = |raw: &[u8]| String::from_utf8_lossy(raw).into_owned();
+        let (old_raw, new_raw) = (old_file.path_bytes(), new_file.path_bytes());
+        let (old_path, new_path) = (old_raw.map(lossy), new_raw.map(lossy));
         let skip = |mode: FileMode| matches!(mode, FileMode::Link | FileMode::Commit);
-        let (old_path, new_path) = (path_of(&old_file), path_of(&new_file));
-        let blob = |oid: Oid| -> Result<Vec<u8>, GitError> {
-            Ok(mirror
-                .find_blob(oid)
-                .map_err(read("blob"))?
-                .content()
-                .to_vec())
+        let mut judge_new = || -> Result<Option<Held>, GitError> {
+            match new_raw {
+                Some(raw) => judge(raw, new_file.id(), limits, sizes).map_err(read("blob header")),
+                None => Ok(None),
+            }
         };
-        let mut push = |topic: Option<String>, file: ChangedFile| {
+        let mut push = |topic: Option<String>, file: ChangedFile, blob: Option<Oid>, held| {
             if let Some(topic) = topic {
-                topics.entry(topic).or_default().push(file);
+                let entry = topics.entry(topic).or_default();
+                if entry.held.is_none() {
+                    entry.held = held;
+                }
+                entry.files.push((file, blob));
             }
         };
         match delta.status() {
@@ -175,7 +368,7 @@ fn diff_topics(
                     sha: old_file.id().to_string(),
                     content: None,
                 };
-                push(repo.rules.topic_of(&path), file);
+                push(repo.rules.topic_of(&path), file, None, None);
             }
             Delta::Added | Delta::Copied | Delta::Modified | Delta::Typechange => {
                 let Some(path) = new_path else { continue };
@@ -196,18 +389,19 @@ fn diff_topics(
                             sha: old_file.id().to_string(),
                             content: None,
                         };
-                        push(repo.rules.topic_of(&path), file);
+                        push(repo.rules.topic_of(&path), file, None, None);
                     }
                     continue;
                 }
+                let held = judge_new()?;
                 let file = ChangedFile {
                     path: path.clone(),
                     status,
                     old_path: None,
                     sha: new_file.id().to_string(),
-                    content: Some(blob(new_file.id())?),
+                    content: None,
                 };
-                push(repo.rules.topic_of(&path), file);
+                push(repo.rules.topic_of(&path), file, Some(new_file.id()), held);
             }
             Delta::Renamed => {
                 let (Some(from), Some(to)) = (old_path, new_path) else {
@@ -216,8 +410,9 @@ fn diff_topics(
                 if skip(new_file.mode()) {
                     continue;
                 }
+                let held = judge_new()?;
                 let (from_topic, to_topic) = (repo.rules.topic_of(&from), repo.rules.topic_of(&to));
-                let content = Some(blob(new_file.id())?);
+                let blob = Some(new_file.id());
                 let sha = new_file.id().to_string();
                 if from_topic == to_topic {
                     push(
@@ -227,8 +422,10 @@ fn diff_topics(
                             status: FileStatus::Renamed,
                             old_path: Some(from),
                             sha,
-                            content,
+                            content: None,
                         },
+                        blob,
+                        held,
                     );
                 } else {
                     // Moved between topics: gone from one, new in the other.
@@ -241,6 +438,8 @@ fn diff_topics(
                             sha: old_file.id().to_string(),
                             content: None,
                         },
+                        None,
+                        None,
                     );
                     push(
                         to_topic,
@@ -249,8 +448,10 @@ fn diff_topics(
                             status: FileStatus::Added,
                             old_path: None,
                             sha,
-                            content,
+                            content: None,
                         },
+                        blob,
+                        held,
                     );
                 }
             }
@@ -258,6 +459,90 @@ fn diff_topics(
         }
     }
     Ok(topics)
+}
+
+/// Holds back each not yet held topic whose files in `tree` number or weigh more than `[limits]`
+/// allows. Counted over the whole tree, not the diff: the git state is the truth, and a topic
+/// grown by many small commits is as large as one grown at once.
+fn hold_over_totals(
+    mirror: &Repository,
+    repo: &RepoConfig,
+    limits: &LimitsConfig,
+    sizes: &mut BlobSizes<'_>,
+    tree: &git2::Tree<'_>,
+    topics: &mut BTreeMap<String, TopicDiff>,
+) -> Result<(), GitError> {
+    let read = |what: &'static str| read_error(repo, what);
+    let mut totals: BTreeMap<String, (usize, u64)> = topics
+        .iter()
+        .filter(|(_, d)| d.held.is_none())
+        .map(|(t, _)| (t.clone(), (0, 0)))
+        .collect();
+    if totals.is_empty() {
+        return Ok(());
+    }
+    // Iterative: a hostile tree can nest deeper than any stack.
+    let mut pending: Vec<(Vec<u8>, git2::Tree<'_>)> = vec![(Vec::new(), tree.clone())];
+    while let Some((prefix, tree)) = pending.pop() {
+        for entry in tree.iter() {
+            let mut path = prefix.clone();
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(entry.name_bytes());
+            match entry.kind() {
+                Some(ObjectType::Tree) => {
+                    let subtree = mirror.find_tree(entry.id()).map_err(read("tree"))?;
+                    pending.push((path, subtree));
+                }
+                Some(ObjectType::Blob) => {
+                    let mode = entry.filemode();
+                    if !FILE_MODES.into_iter().any(|m| i32::from(m) == mode) {
+                        continue;
+                    }
+                    let Some(topic) = repo.rules.topic_of(&String::from_utf8_lossy(&path)) else {
+                        continue;
+                    };
+                    if let Some((files, bytes)) = totals.get_mut(&topic) {
+                        *files += 1;
+                        // Past the file cap the topic is held anyway: read no more headers.
+                        if *files <= limits.max_topic_files {
+                            *bytes = bytes
+                                .saturating_add(sizes.of(entry.id()).map_err(read("blob header"))?);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for (topic, (files, bytes)) in totals {
+        let message = if files > limits.max_topic_files {
+            format!(
+                "topic `{topic}` has {files} files, over limits.max_topic_files = {}",
+                limits.max_topic_files
+            )
+        } else if bytes > limits.max_topic_bytes {
+            format!(
+                "topic `{topic}` files total {bytes} bytes, over limits.max_topic_bytes = {}",
+                limits.max_topic_bytes
+            )
+        } else {
+            continue;
+        };
+        if let Some(diff) = topics.get_mut(&topic) {
+            // Name a file this change adds or modifies: what made the topic grow.
+            let path = diff
+                .files
+                .iter()
+                .find(|(f, _)| f.status != FileStatus::Deleted)
+                .or(diff.files.first())
+                .map(|(f, _)| f.path.clone())
+                .unwrap_or_default();
+            diff.held = Some(Held { path, message });
+        }
+    }
+    Ok(())
 }
 
 fn open_mirror(path: &Path, repo: &RepoConfig) -> Result<Repository, GitError> {
@@ -336,5 +621,26 @@ mod tests {
             "https://***@example.com/r.git"
         );
         assert_eq!(redact_url("file:///tmp/r.git"), "file:///tmp/r.git");
+    }
+
+    #[test]
+    fn hostile_paths_display_escaped_and_bounded() {
+        assert_eq!(display_path(b"payments/app.toml"), "payments/app.toml");
+        assert_eq!(display_path(b"payments/a\\b"), "payments/a\\\\b");
+        assert_eq!(display_path(b"payments/\xff\xfex"), "payments/\\xff\\xfex");
+        assert_eq!(
+            display_path("p/\u{202e}lmx\u{1b}[2J'".as_bytes()),
+            "p/\\u{202e}lmx\\u{1b}[2J'"
+        );
+        let long = display_path(&[b'a'; 5000]);
+        assert_eq!(long.chars().count(), 201, "200 characters and the ellipsis");
+    }
+
+    #[test]
+    fn messages_are_cut_on_a_character_boundary() {
+        assert_eq!(cut("short", 10), "short");
+        let cut_text = cut(&"é".repeat(100), 11);
+        assert!(cut_text.len() <= 11, "{cut_text}");
+        assert_eq!(cut_text, "éééé…");
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{RepoConfig, RetentionConfig};
+use crate::config::{Config, LimitsConfig, RepoConfig, RetentionConfig};
 use crate::hub::Hub;
 use crate::store::{Rejection, Store, SyncOutcome};
 
@@ -50,18 +50,17 @@ pub struct Syncers {
 }
 
 impl Syncers {
-    /// Starts one worker per repo; each does a first sync right away.
+    /// Starts one worker per repo of `config`; each does a first sync right away.
     pub fn start(
-        repos: &[RepoConfig],
-        retention: &RetentionConfig,
-        data_dir: PathBuf,
+        config: &Config,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Syncers {
         let mut workers = HashMap::new();
-        for repo in repos {
+        let limits = Arc::new(config.limits.clone());
+        for repo in &config.repos {
             let wake = Arc::new(Notify::new());
             let status = Arc::new(Mutex::new(RepoStatus {
                 name: repo.name.clone(),
@@ -73,11 +72,12 @@ impl Syncers {
             wake.notify_one();
             let job = Job {
                 repo: Arc::new(repo.clone()),
-                data_dir: data_dir.clone(),
+                data_dir: config.server.data_dir.clone(),
                 store: store.clone(),
                 hub: hub.clone(),
                 status: status.clone(),
-                retention: retention.clone(),
+                retention: config.retention.clone(),
+                limits: limits.clone(),
             };
             tracker.spawn(job.run(wake.clone(), shutdown.clone()));
             workers.insert(repo.name.clone(), Worker { wake, status });
@@ -114,6 +114,8 @@ struct Job {
     hub: Arc<Hub>,
     status: Arc<Mutex<RepoStatus>>,
     retention: RetentionConfig,
+    /// Size caps on repo content (`[limits]`), judged on the git side before anything is read.
+    limits: Arc<LimitsConfig>,
 }
 
 impl Job {
@@ -162,11 +164,13 @@ impl Job {
         }
     }
 
-    /// Holds back every topic change with a file that does not parse, and releases topics that
-    /// were held back and now validate (or went back to their last good state).
+    /// Holds back every topic change that the git side marked (`held`: a path that must never be
+    /// published, a size over `[limits]`) or with a file that does not parse, and releases topics
+    /// that were held back and now validate (or went back to their last good state).
     fn validate(
         &self,
         outcome: &mut SyncOutcome,
+        mut held: BTreeMap<String, git::Held>,
         last: Option<&str>,
         withheld: &BTreeMap<String, String>,
         owners: &BTreeMap<String, String>,
@@ -183,7 +187,14 @@ impl Job {
                 );
                 (path, validate::Problem { line: None, message })
             });
-            let problem = foreign.or_else(|| {
+            let unpublishable = held.remove(&change.topic).map(|h| {
+                let problem = validate::Problem {
+                    line: None,
+                    message: h.message,
+                };
+                (h.path, problem)
+            });
+            let problem = foreign.or(unpublishable).or_else(|| {
                 change.files.iter().find_map(|f| {
                     let bytes = f.content.as_deref()?;
                     validate::check(rules.format_of(&f.path), bytes)
@@ -245,15 +256,17 @@ impl Job {
             .into_iter()
             .map(|r| (r.topic, r.base_commit))
             .collect();
-        let (repo, dir, prev, held) = (
+        let (repo, limits, dir, prev, bases) = (
             self.repo.clone(),
+            self.limits.clone(),
             self.data_dir.clone(),
             last.clone(),
             withheld.clone(),
         );
         let timeout = auth::fetch_timeout(&self.repo.auth) + Duration::from_secs(5);
-        let task =
-            tokio::task::spawn_blocking(move || git::sync(&dir, &repo, prev.as_deref(), &held));
+        let task = tokio::task::spawn_blocking(move || {
+            git::sync(&dir, &repo, &limits, prev.as_deref(), &bases)
+        });
         let outcome = tokio::time::timeout(timeout, task)
             .await
             .map_err(|_| {
@@ -264,7 +277,7 @@ impl Job {
             })?
             .map_err(|e| format!("sync task failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        let Some(mut outcome) = outcome else {
+        let Some(git::Synced { mut outcome, held }) = outcome else {
             tracing::debug!(repo = %self.repo.name, "head unchanged");
             return Ok(());
         };
@@ -276,7 +289,7 @@ impl Job {
             .into_iter()
             .map(|t| (t.topic, t.repo))
             .collect();
-        self.validate(&mut outcome, last.as_deref(), &withheld, &owners);
+        self.validate(&mut outcome, held, last.as_deref(), &withheld, &owners);
         let changes = self
             .store
             .publish(&outcome)

@@ -2,6 +2,7 @@
 //! port 0 over SQLite, real WebSocket instances, real signed HTTP webhooks.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,6 +32,114 @@ pub fn config_repo(dir: &Path) -> ConfigRepo {
     )
     .expect("initial commit");
     repo
+}
+
+/// Commits `files` on `branch` at raw byte paths, the way any git client can push them: trees are
+/// written as raw objects, so names libgit2 refuses to build (`..`, `.git`) and names that are not
+/// UTF-8 go in as they are. `None` deletes a file; other files stay.
+pub fn commit_raw(
+    repo: &ConfigRepo,
+    branch: &str,
+    files: &[(&[u8], Option<&[u8]>)],
+    message: &str,
+) -> git2::Oid {
+    let git = git2::Repository::open_bare(repo.path()).expect("open repo");
+    let refname = format!("refs/heads/{branch}");
+    let parent = git
+        .find_reference(&refname)
+        .and_then(|r| r.peel_to_commit())
+        .expect("branch has a commit");
+    let mut entries = BTreeMap::new();
+    flatten(
+        &git,
+        &parent.tree().expect("tree"),
+        Vec::new(),
+        &mut entries,
+    );
+    for (path, content) in files {
+        match content {
+            Some(bytes) => {
+                let blob = git.blob(bytes).expect("blob");
+                entries.insert(path.to_vec(), blob);
+            }
+            None => {
+                entries.remove(*path);
+            }
+        }
+    }
+    let entries: Vec<(Vec<u8>, git2::Oid)> = entries.into_iter().collect();
+    let tree = git
+        .find_tree(write_tree(&git, &entries))
+        .expect("tree written");
+    let sig = git2::Signature::now("Ada Config", "ada@example.com").expect("signature");
+    let oid = git
+        .commit(None, &sig, &sig, message, &tree, &[&parent])
+        .expect("commit");
+    git.reference(&refname, oid, true, message)
+        .expect("move branch");
+    oid
+}
+
+fn flatten(
+    git: &git2::Repository,
+    tree: &git2::Tree<'_>,
+    prefix: Vec<u8>,
+    out: &mut BTreeMap<Vec<u8>, git2::Oid>,
+) {
+    for entry in tree.iter() {
+        let mut path = prefix.clone();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(entry.name_bytes());
+        match entry.kind() {
+            Some(git2::ObjectType::Tree) => {
+                let sub = git.find_tree(entry.id()).expect("subtree");
+                flatten(git, &sub, path, out);
+            }
+            _ => {
+                out.insert(path, entry.id());
+            }
+        }
+    }
+}
+
+/// Writes the tree of `files` (paths relative to it) as a raw object; returns its id.
+fn write_tree(git: &git2::Repository, files: &[(Vec<u8>, git2::Oid)]) -> git2::Oid {
+    let mut blobs: Vec<(Vec<u8>, git2::Oid)> = Vec::new();
+    let mut dirs: BTreeMap<Vec<u8>, Vec<(Vec<u8>, git2::Oid)>> = BTreeMap::new();
+    for (path, id) in files {
+        match path.iter().position(|b| *b == b'/') {
+            Some(i) => dirs
+                .entry(path[..i].to_vec())
+                .or_default()
+                .push((path[i + 1..].to_vec(), *id)),
+            None => blobs.push((path.clone(), *id)),
+        }
+    }
+    // Git orders entries by name, a tree's name compared as if it ended in `/`.
+    let mut entries: Vec<(Vec<u8>, &str, Vec<u8>, git2::Oid)> = blobs
+        .into_iter()
+        .map(|(name, id)| (name.clone(), "100644", name, id))
+        .collect();
+    for (name, children) in dirs {
+        let id = write_tree(git, &children);
+        let mut key = name.clone();
+        key.push(b'/');
+        entries.push((key, "40000", name, id));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut raw = Vec::new();
+    for (_, mode, name, id) in entries {
+        raw.extend_from_slice(mode.as_bytes());
+        raw.push(b' ');
+        raw.extend_from_slice(&name);
+        raw.push(0);
+        raw.extend_from_slice(id.as_bytes());
+    }
+    git.odb()
+        .and_then(|odb| odb.write(git2::ObjectType::Tree, &raw))
+        .expect("tree object")
 }
 
 pub struct TestServer {
