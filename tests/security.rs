@@ -716,3 +716,68 @@ async fn tls_serves_https_and_wss() {
     .await;
     assert!(!plain.contains("200 OK"), "{plain}");
 }
+
+/// The bundled agent, as an operator runs it: `wss://` to a server with a private CA (given as
+/// `SSL_CERT_FILE`), a per-instance JWT from an environment variable, files written and acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_connects_over_wss_with_a_jwt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let (cert, key, _) = self_signed(dir.path());
+    let secret_file = dir.path().join("jwt.secret");
+    std::fs::write(&secret_file, JWT_SECRET).expect("write secret");
+    let data_dir = dir.path().join("data");
+    let toml = format!(
+        "[auth.jwt]\nhs256_secret_file = \"{}\"\n\n[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
+        secret_file.display(),
+        data_dir.display(),
+        cert.display(),
+        key.display(),
+        repo.url()
+    );
+    let server = TestServer::start_toml(data_dir, toml).await;
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).expect("key");
+    let token = jwt(
+        json!({"sub": "agent-tls", "topics": ["payments"], "exp": now() + 600}),
+        &key,
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let target = dir.path().join("etc-app");
+    let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_confcast"))
+        .args(["agent", "--server"])
+        .arg(format!("wss://localhost:{}/ws", server.addr.port()))
+        .args([
+            "--instance",
+            "agent-tls",
+            "--topic",
+            "payments",
+            "--token-env",
+            "AGENT_JWT",
+            "--exec",
+            "true",
+        ])
+        .arg("--dir")
+        .arg(&target)
+        .env("AGENT_JWT", &token)
+        .env("SSL_CERT_FILE", &cert)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().expect("fd"))
+        .stderr(log)
+        .spawn()
+        .expect("start agent");
+    let app_toml = target.join("payments/app.toml");
+    let written = tokio::time::timeout(WAIT, async {
+        while std::fs::read_to_string(&app_toml).ok().as_deref() != Some("port = 8443\n") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        written.is_ok(),
+        "agent never wrote its files; log:\n{}",
+        std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+    );
+}

@@ -1105,6 +1105,56 @@ mod replicas {
             .expect("watch task");
     }
 
+    /// `sslmode=require` in the store URL is honoured: every connection the store opens is TLS
+    /// (the machine's PostgreSQL serves TLS with its own certificate).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sslmode_in_the_url_is_honoured() {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let mut admin = db.admin().await;
+        let server_ssl: String = sqlx::query_scalar("SHOW ssl")
+            .fetch_one(&mut admin)
+            .await
+            .expect("SHOW ssl");
+        if server_ssl != "on" {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the CI PostgreSQL must serve TLS (ssl = on) for this test"
+            );
+            eprintln!("skipping: this PostgreSQL has ssl = off");
+            return;
+        }
+        let sep = if db.url.contains('?') { '&' } else { '?' };
+        let store = store::open(&format!("{}{sep}sslmode=require", db.url))
+            .await
+            .expect("open over TLS");
+        store.head_seq().await.expect("a query over TLS");
+        let (total, tls): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a
+             JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1 AND a.application_name = 'confcast'",
+        )
+        .bind(&db.name)
+        .fetch_one(&mut admin)
+        .await
+        .expect("pg_stat_ssl");
+        assert!(total > 0, "the store has connections open");
+        assert_eq!(tls, total, "every store connection uses TLS");
+        let plain = store::open(&format!("{}{sep}sslmode=disable", db.url))
+            .await
+            .expect("open without TLS");
+        plain.head_seq().await.expect("query");
+        let (total, tls): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a
+             JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1 AND a.application_name = 'confcast'",
+        )
+        .bind(&db.name)
+        .fetch_one(&mut admin)
+        .await
+        .expect("pg_stat_ssl");
+        assert!(tls < total, "sslmode=disable opens plain connections");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reset_node_leaves_other_replicas_instances_connected() {
         let Some(db) = PgDb::create().await else {
