@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use confcast::protocol::{AckStatus, ClientMessage, FileStatus, ServerMessage};
 use serde_json::Value;
-use util::{config_repo, Instance, TestServer, SECRET};
+use util::{config_repo, Instance, ServerProcess, TestServer, SECRET};
 
 fn content(change: &confcast::protocol::Change, path: &str) -> Option<String> {
     change
@@ -774,4 +774,71 @@ async fn a_truncated_body_gets_a_clear_400() {
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("could not read the request body"), "{reply}");
     assert_eq!(server.get("/healthz").await.0, 200);
+}
+
+// ---- safe to expose: a failing store, stuck syncs, expiry, credentials -------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_urls_reach_neither_the_api_nor_the_log_nor_check_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens there: every fetch fails, and its error is shown and logged.
+    let port = util::free_port();
+    let repo_url =
+        format!("http://bot:hunter2-secret@127.0.0.1:{port}/r.git?access_token=t0ken-in-query");
+    let shown = format!("http://***@127.0.0.1:{port}/r.git?access_token=***");
+    let secrets = [
+        "hunter2-secret",
+        "t0ken-in-query",
+        "pg-pass-word",
+        "pg-query-pass",
+    ];
+    let server = ServerProcess::start_url(dir.path(), &repo_url, "", "").await;
+    let repos = tokio::time::timeout(util::WAIT, async {
+        loop {
+            let repos = server.get("/api/v1/repos").await;
+            if repos["repos"][0]["last_error"].is_string() {
+                return repos;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the fetch fails");
+    assert_eq!(repos["repos"][0]["url"], shown.as_str(), "{repos}");
+    let line = server.wait_log(&["sync failed"]).await;
+    for secret in secrets {
+        assert!(!repos.to_string().contains(secret), "{secret} in {repos}");
+        assert!(
+            !server.log().contains(secret),
+            "{secret} in the log: {line}"
+        );
+    }
+
+    let config = dir.path().join("check.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"postgres://confcast:pg-pass-word@127.0.0.1:1/confcast?password=pg-query-pass\"\n\n[[repos]]\nname = \"cfg\"\nurl = \"{repo_url}\"\nsecret = \"{SECRET}\"\n"
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_confcast"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run check-config");
+    assert!(out.status.success(), "{out:?}");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains("postgres://***@127.0.0.1:1/confcast?password=***"),
+        "{printed}"
+    );
+    assert!(printed.contains(&shown), "{printed}");
+    for secret in secrets {
+        assert!(!printed.contains(secret), "{secret} in {printed}");
+    }
 }

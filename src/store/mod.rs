@@ -23,7 +23,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("unsupported store url `{0}` (use sqlite://PATH or postgres://...)")]
+    /// Carries the scheme only: the rest of a store url may hold a password.
+    #[error("unsupported store url scheme `{0}` (use sqlite://PATH or postgres://...)")]
     UnsupportedUrl(String),
     #[error("cannot create the database directory {path}: {source}")]
     Directory {
@@ -288,7 +289,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(postgres::open(url).await?))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_string()))
+        let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+        Err(StoreError::UnsupportedUrl(scheme.to_string()))
     }
 }
 
