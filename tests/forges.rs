@@ -232,3 +232,28 @@ async fn polling_converges_when_every_webhook_is_lost() {
     assert!(r["next_poll_ms"].as_i64().is_some(), "{r}");
     assert!(r["last_error"].is_null(), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_refuses_a_gitlab_secret_token_even_when_it_is_the_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    let syncs = server.wait_syncs(1).await["syncs"].as_u64().expect("syncs");
+    // Under `auto` the secret is an HMAC key: seen once in clear, it must not open the door.
+    let body = serde_json::json!({"object_kind": "push", "ref": "refs/heads/main"}).to_string();
+    let headers = [
+        ("x-gitlab-event", "Push Hook"),
+        ("x-gitlab-token", SECRET),
+        (
+            "x-gitlab-event-uuid",
+            "6a0a4a8c-0000-4000-8000-000000000001",
+        ),
+    ];
+    let (status, reply) = server.webhook(&headers, body.into_bytes(), None).await;
+    assert_eq!(status, 401, "{reply}");
+    let error = reply["error"].as_str().expect("error");
+    assert!(error.contains("repos[..].webhook.provider"), "{error}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, repos) = server.get("/api/v1/repos").await;
+    assert_eq!(repos["repos"][0]["syncs"].as_u64(), Some(syncs), "no sync");
+}
