@@ -286,6 +286,17 @@ pub async fn handle(
             AppError::Unauthorized(other.to_string())
         }
     })?;
+    // The id header is outside most forges' signatures: a captured delivery replayed with huge
+    // ids would otherwise grow the store by every byte of them. Refused before it is stored or
+    // logged.
+    let max_id = app.config.limits.max_delivery_id_bytes;
+    if let Some(id) = delivery.id.as_deref().filter(|id| id.len() > max_id) {
+        tracing::warn!(repo = %repo, provider = delivery.provider, bytes = id.len(), "webhook refused: delivery id too long");
+        return Err(AppError::BadRequest(format!(
+            "delivery id is {} bytes, longer than the limit of {max_id} (limits.max_delivery_id_bytes)",
+            id.len()
+        )));
+    }
     let span = tracing::info_span!("webhook", repo = %repo, provider = delivery.provider, delivery = delivery.id.as_deref().unwrap_or("-"));
     if let Intake::Push(Some(refs)) = &delivery.intake {
         let forge_repo = refs
