@@ -103,6 +103,7 @@ mod server {
             let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
             tracker.spawn(async move { store.watch(wake, token).await });
         }
+        store::upkeep::start(&tracker, &store, &token);
         let syncers = Syncers::start(
             &config.repos,
             &config.retention,

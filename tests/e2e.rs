@@ -789,6 +789,150 @@ async fn a_truncated_body_gets_a_clear_400() {
 // ---- safe to expose: a failing store, stuck syncs, expiry, credentials -------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_file_moved_away_fails_readiness_and_is_logged_once_until_it_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = ServerProcess::start(dir.path(), &repo, "", "").await;
+    let readyz = async || {
+        let reply = server
+            .http
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz");
+        let status = reply.status().as_u16();
+        (status, reply.json::<Value>().await.expect("JSON"))
+    };
+    let db = dir.path().join("data").join("confcast.db");
+    let aside = dir.path().join("aside.db");
+    std::fs::rename(&db, &aside).expect("move the database away");
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().expect("a reason");
+    assert!(
+        error.starts_with("store: ") && error.contains("moved away"),
+        "{error}"
+    );
+    // Nobody has to poll for it: the health watch logs it, as an error.
+    let line = server.wait_log(&["ERROR", "store unhealthy"]).await;
+    assert!(line.contains("moved away"), "{line}");
+
+    std::fs::rename(&aside, &db).expect("put it back");
+    server.wait_log(&["INFO", "store healthy again"]).await;
+    assert_eq!(readyz().await.0, 200);
+    assert_eq!(
+        server.log().matches("store unhealthy").count(),
+        1,
+        "one line when it went bad, not one per check"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_sqlite_file_fails_readiness_and_nothing_is_published_into_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "web-1", &["payments"]).await;
+
+    // A restore from backup over the live file: the server still has the old one open.
+    let db = server.data_dir.join("confcast.db");
+    let restored = server.data_dir.join("restored.db");
+    std::fs::copy(&db, &restored).expect("copy");
+    std::fs::rename(&restored, &db).expect("replace");
+    let (status, body) = server.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("replaced")),
+        "{body}"
+    );
+
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 1\n".as_slice()))],
+            "into the void?",
+        )
+        .expect("commit");
+    assert_eq!(
+        server
+            .github_push("main", &commit.to_string(), SECRET)
+            .await
+            .0,
+        202
+    );
+    let state = server.wait_syncs(2).await;
+    assert!(
+        state["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("replaced")),
+        "{state}"
+    );
+    assert!(
+        i.maybe_next(Duration::from_millis(500)).await.is_none(),
+        "a change that would vanish at the next restart is not sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_a_repo_stuck_on_one_error_and_stays_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let origin = dir.path().join("origin.git");
+    let aside = dir.path().join("origin-aside.git");
+    std::fs::rename(&origin, &aside).expect("take the remote away");
+    let sync = async || {
+        let reply = server
+            .http
+            .post(server.url("/api/v1/repos/cfg/sync"))
+            .send()
+            .await
+            .expect("POST sync");
+        assert_eq!(reply.status().as_u16(), 202);
+    };
+
+    sync().await;
+    let state = server.wait_syncs(2).await;
+    assert!(state["last_error"].is_string(), "{state}");
+    // One failure is a blip: still plainly ready.
+    let (status, ready) = server.get("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
+    assert_eq!(ready["degraded"], serde_json::json!([]));
+
+    // Retries (backoff or forced) keep failing the same way: stuck.
+    for n in 3..=4 {
+        sync().await;
+        server.wait_syncs(n).await;
+    }
+    let (status, ready) = server.get("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("degraded")));
+    let stuck = &ready["degraded"][0];
+    assert_eq!(stuck["repo"], "cfg", "{ready}");
+    assert!(stuck["consecutive_failures"].as_u64() >= Some(3), "{ready}");
+    let (_, repos) = server.get("/api/v1/repos").await;
+    assert_eq!(stuck["error"], repos["repos"][0]["last_error"], "{ready}");
+
+    std::fs::rename(&aside, &origin).expect("bring the remote back");
+    sync().await;
+    let recovered = tokio::time::timeout(util::WAIT, async {
+        loop {
+            let (_, ready) = server.get("/readyz").await;
+            if ready["status"] == "ready" {
+                return ready;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("ready again after a successful sync");
+    assert_eq!(recovered["degraded"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_in_urls_reach_neither_the_api_nor_the_log_nor_check_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Nothing listens there: every fetch fails, and its error is shown and logged.

@@ -8,6 +8,7 @@
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
+pub mod upkeep;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +32,10 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// The database answers, but using it would lose or refuse writes; the message says why
+    /// and what to do.
+    #[error("{0}")]
+    Unhealthy(String),
 }
 
 /// What one sync found: the new head of a repo and the changes of each topic it touches.
@@ -220,7 +225,6 @@ pub trait Store: Send + Sync + 'static {
         connection: &str,
     ) -> Result<(), StoreError>;
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
-
     /// Records what `instance` did with `version` of `topic` (its latest word per topic counts).
     async fn record_ack(
         &self,
@@ -257,6 +261,10 @@ pub trait Store: Send + Sync + 'static {
     /// Marks every instance connected through replica `node` as disconnected (after a restart:
     /// whatever the previous process had is gone).
     async fn reset_node(&self, node: &str) -> Result<(), StoreError>;
+
+    /// Whether the store can be used right now: a round trip, plus what each database can check
+    /// cheaply for writes that would fail or be lost (see each backend). Bounded in time.
+    async fn check(&self) -> Result<(), StoreError>;
 
     /// Calls `wake` whenever another replica may have appended to the log, until `shutdown`.
     /// A store with a single writer (SQLite) has nothing to watch and returns at once.
