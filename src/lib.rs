@@ -103,7 +103,8 @@ mod server {
             let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
             tracker.spawn(async move { store.watch(wake, token).await });
         }
-        store::upkeep::start(&tracker, &store, &token);
+        let expiry = Duration::from_secs(config.limits.instance_expiry_secs);
+        store::upkeep::start(&tracker, &store, expiry, &token);
         let syncers = Syncers::start(
             &config.repos,
             &config.retention,

@@ -933,6 +933,84 @@ async fn readyz_names_a_repo_stuck_on_one_error_and_stays_ready() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_gone_longer_than_the_expiry_no_longer_holds_back_a_rollout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start_with(
+        dir.path(),
+        &repo,
+        "\n[limits]\ninstance_expiry_secs = 1",
+        "",
+    )
+    .await;
+    server.wait_syncs(1).await;
+    let (mut gone, _) = Instance::subscribed(&server, "scaled-away", &["payments"]).await;
+    gone.ack("payments", 1, AckStatus::Applied, None).await;
+    let (mut stays, _) = Instance::subscribed(&server, "stays", &["payments"]).await;
+    stays.ack("payments", 1, AckStatus::Applied, None).await;
+
+    // Version 2 while `scaled-away` is still there, but never applies it.
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 2\n".as_slice()))],
+            "v2",
+        )
+        .expect("commit");
+    server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    assert_eq!(stays.next_change().await.version, 2);
+    stays.ack("payments", 2, AckStatus::Applied, None).await;
+    let names = |entries: &Value| -> Vec<String> {
+        entries
+            .as_array()
+            .expect("rollout entries")
+            .iter()
+            .filter_map(|e| e["instance"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let topic = server
+        .wait_topic("payments", |t| {
+            t["version"] == 2
+                && t["rollout"]["applied"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+        })
+        .await;
+    assert_eq!(topic["rollout"]["converged"], false);
+    assert_eq!(names(&topic["rollout"]["behind"]), ["scaled-away"]);
+
+    // It is scaled away: disconnected, then forgotten once the expiry has passed.
+    drop(gone);
+    tokio::time::timeout(util::WAIT, async {
+        loop {
+            let (_, all) = server.get("/api/v1/instances").await;
+            let ids: Vec<&str> = all["instances"]
+                .as_array()
+                .expect("instances")
+                .iter()
+                .filter_map(|i| i["id"].as_str())
+                .collect();
+            if ids == ["stays"] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the disconnected instance is forgotten after the expiry");
+    assert_eq!(server.get("/api/v1/instances/scaled-away").await.0, 404);
+    let topic = server.get("/api/v1/topics/payments").await.1;
+    assert_eq!(topic["rollout"]["converged"], true, "{topic}");
+    assert_eq!(names(&topic["rollout"]["applied"]), ["stays"]);
+    assert_eq!(names(&topic["rollout"]["behind"]), Vec::<String>::new());
+    // Connected all along, longer than the expiry: never forgotten.
+    let (_, stays_view) = server.get("/api/v1/instances/stays").await;
+    assert_eq!(stays_view["connected"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_in_urls_reach_neither_the_api_nor_the_log_nor_check_config() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Nothing listens there: every fetch fails, and its error is shown and logged.

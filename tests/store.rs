@@ -667,6 +667,74 @@ mod contract {
         assert_eq!(connected(store.clone(), "web-1").await, Some(false));
     }
 
+    pub async fn expire_instances_forgets_long_disconnected_ones_with_their_acks(
+        store: Arc<dyn Store>,
+    ) {
+        store
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![("payments", vec![added("payments/app.toml", b"port = 1\n")])],
+            ))
+            .await
+            .expect("publish");
+        for id in ["gone", "late", "live"] {
+            store
+                .instance_connected(id, None, &BTreeMap::new(), &format!("conn-{id}"), "node-a")
+                .await
+                .expect("connected");
+            store
+                .record_ack(id, "payments", 1, AckStatus::Applied, None)
+                .await
+                .expect("record_ack")
+                .expect("ack accepted");
+        }
+        let ids = |store: Arc<dyn Store>| async move {
+            let instances = store.instances().await.expect("instances");
+            let acks = store.acks().await.expect("acks");
+            (
+                instances.into_iter().map(|i| i.id).collect::<Vec<_>>(),
+                acks.into_iter().map(|a| a.instance).collect::<Vec<_>>(),
+            )
+        };
+        store
+            .instance_disconnected("gone", "conn-gone")
+            .await
+            .expect("disconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let cutoff = now_ms();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store
+            .instance_disconnected("late", "conn-late")
+            .await
+            .expect("disconnected");
+
+        assert_eq!(store.expire_instances(cutoff).await.expect("expire"), 1);
+        let kept = vec!["late".to_string(), "live".to_string()];
+        assert_eq!(ids(store.clone()).await, (kept.clone(), kept));
+        assert!(store.acks_of("gone").await.expect("acks_of").is_empty());
+        assert_eq!(store.expire_instances(cutoff).await.expect("expire"), 0);
+
+        // However old its last word, a connected instance stays.
+        let later = now_ms() + 60_000;
+        assert_eq!(store.expire_instances(later).await.expect("expire"), 1);
+        let live = vec!["live".to_string()];
+        assert_eq!(ids(store.clone()).await, (live.clone(), live.clone()));
+
+        // A restart's reset is when its instances left: expiry counts from it, not from when
+        // they connected (else a long-connected instance would be forgotten at once).
+        let before_reset = now_ms();
+        store.reset_node("node-a").await.expect("reset_node");
+        assert_eq!(
+            store.expire_instances(before_reset).await.expect("expire"),
+            0
+        );
+        let instances = store.instances().await.expect("instances");
+        assert!(!instances[0].connected);
+        assert!(instances[0].last_seen_ms >= before_reset);
+        assert_eq!(ids(store.clone()).await, (live.clone(), live));
+    }
+
     pub async fn check_passes_on_a_healthy_store(store: Arc<dyn Store>) {
         store.check().await.expect("a fresh store is healthy");
         store
@@ -851,8 +919,16 @@ on_every_store!(
     rejections_are_written_and_cleared_by_publish,
     instances_follow_their_newest_connection_and_reset_node,
     lock_repo_lets_one_holder_at_a_time,
+    expire_instances_forgets_long_disconnected_ones_with_their_acks,
     check_passes_on_a_healthy_store,
 );
+
+fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(since_epoch.as_millis()).expect("ms fit in i64")
+}
 
 // ---- health: what `check` sees that a round trip does not ------------------------------------
 

@@ -225,6 +225,11 @@ pub trait Store: Send + Sync + 'static {
         connection: &str,
     ) -> Result<(), StoreError>;
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+    /// Forgets every instance disconnected before `disconnected_before_ms`, with its acks, so a
+    /// rollout stops waiting for instances that were scaled away. Connected instances stay,
+    /// however old. Returns how many were forgotten.
+    async fn expire_instances(&self, disconnected_before_ms: i64) -> Result<u64, StoreError>;
+
     /// Records what `instance` did with `version` of `topic` (its latest word per topic counts).
     async fn record_ack(
         &self,

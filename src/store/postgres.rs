@@ -223,11 +223,14 @@ impl Backend for PgBackend {
 
     async fn reset_node(&self, pool: &Pool<Postgres>, node: &str) -> Result<(), StoreError> {
         // Other replicas share the table: only the connections this replica recorded died with
-        // its previous run.
-        sqlx::query("UPDATE instances SET connected = false WHERE node = $1 AND connected")
-            .bind(node)
-            .execute(pool)
-            .await?;
+        // its previous run, about now (expiry counts from here).
+        sqlx::query(
+            "UPDATE instances SET connected = false, last_seen = $2 WHERE node = $1 AND connected",
+        )
+        .bind(node)
+        .bind(super::now_ms())
+        .execute(pool)
+        .await?;
         Ok(())
     }
 

@@ -617,6 +617,36 @@ where
             .collect()
     }
 
+    async fn expire_instances(&self, disconnected_before_ms: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The instances first, and their acks by the ids actually deleted: an instance that
+        // reconnects meanwhile waits for (or is not matched by) this delete, so it never keeps
+        // a row whose acks were taken away.
+        let rows = sqlx::query(
+            "DELETE FROM instances WHERE connected = false AND last_seen < $1 RETURNING id",
+        )
+        .bind(disconnected_before_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        for ids in ids.chunks(NAMES_PER_QUERY) {
+            let sql = format!(
+                "DELETE FROM acks WHERE instance IN ({})",
+                placeholders(1, ids.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in ids {
+                query = query.bind(id.as_str());
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
+    }
+
     async fn record_ack(
         &self,
         instance: &str,

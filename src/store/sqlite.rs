@@ -215,8 +215,10 @@ impl Backend for SqliteBackend {
     }
 
     async fn reset_node(&self, pool: &Pool<Sqlite>, _node: &str) -> Result<(), StoreError> {
-        // One process owns a SQLite file: every connection it recorded belonged to it.
-        sqlx::query("UPDATE instances SET connected = false WHERE connected")
+        // One process owns a SQLite file: every connection it recorded belonged to it. They
+        // ended with that process, about now: expiry counts from here, not from their connect.
+        sqlx::query("UPDATE instances SET connected = false, last_seen = $1 WHERE connected")
+            .bind(super::now_ms())
             .execute(pool)
             .await?;
         Ok(())
