@@ -600,6 +600,14 @@ impl Config {
             ),
             (None, None) => None,
         };
+        if let Some(token) = &self.server.client_token {
+            let file = self.server.client_token_file.as_ref().map(|f| base.join(f));
+            let source = file.as_ref().map_or_else(
+                || self.server.client_token_env.clone().unwrap_or_default(),
+                |f| f.display().to_string(),
+            );
+            warn_weak_secret("server.client_token", &source, token, file.as_deref());
+        }
         self.resolve_auth_config(base, lookup)?;
         if let Some(url) = &self.store.url {
             if !(url.starts_with("sqlite:")
@@ -674,6 +682,12 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for (i, t) in self.auth.instance_tokens.iter_mut().enumerate() {
             let key = format!("auth.instance_tokens[{i}]");
+            warn_weak_token(
+                &key,
+                t.token_env.as_deref(),
+                t.token_file.as_ref().map(|f| base.join(f)).as_deref(),
+                lookup,
+            );
             if t.name.is_empty() || !names.insert(format!("i:{}", t.name)) {
                 return Err(ConfigError::key(
                     format!("{key}.name"),
@@ -691,6 +705,12 @@ impl Config {
         }
         for (i, t) in self.auth.api_tokens.iter_mut().enumerate() {
             let key = format!("auth.api_tokens[{i}]");
+            warn_weak_token(
+                &key,
+                t.token_env.as_deref(),
+                t.token_file.as_ref().map(|f| base.join(f)).as_deref(),
+                lookup,
+            );
             if t.name.is_empty() || !names.insert(format!("a:{}", t.name)) {
                 return Err(ConfigError::key(
                     format!("{key}.name"),
@@ -738,6 +758,17 @@ impl Config {
                 };
                 read_secret_file(&base.join(file)).map_err(|m| ConfigError::key(k, m))?
             });
+            if let (Some(secret), true) = (
+                &jwt.key,
+                jwt.rs256_public_key_file.is_none() && jwt.eddsa_public_key_file.is_none(),
+            ) {
+                let file = jwt.hs256_secret_file.as_ref().map(|f| base.join(f));
+                let source = file.as_ref().map_or_else(
+                    || jwt.hs256_secret_env.clone().unwrap_or_default(),
+                    |f| f.display().to_string(),
+                );
+                warn_weak_secret("auth.jwt", &source, secret, file.as_deref());
+            }
             if jwt.topics_claim.is_empty() {
                 return Err(ConfigError::key(
                     "auth.jwt.topics_claim",
@@ -803,19 +834,33 @@ fn resolve_secrets(
             "secret_env",
             format!("environment variable {var} is not set"),
         ))?;
-        secrets.push(
-            non_empty(value.into_bytes())
-                .ok_or(("secret_env", format!("environment variable {var} is empty")))?,
-        );
+        let secret = non_empty(value.into_bytes())
+            .ok_or(("secret_env", format!("environment variable {var} is empty")))?;
+        warn_weak_secret("repos[..].secret_env", var, &secret, None);
+        secrets.push(secret);
     }
     for file in repo.secret_file.items() {
-        secrets.push(read_secret_file(&base.join(file)).map_err(|m| ("secret_file", m))?);
+        let path = base.join(file);
+        let secret = read_secret_file(&path).map_err(|m| ("secret_file", m))?;
+        warn_weak_secret(
+            "repos[..].secret_file",
+            &path.display().to_string(),
+            &secret,
+            Some(&path),
+        );
+        secrets.push(secret);
     }
     if let Some(secret) = &repo.secret {
         tracing::warn!(repo = %repo.name, "webhook secret given inline in the config; prefer secret_env or secret_file");
-        secrets.push(
-            non_empty(secret.clone().into_bytes()).ok_or(("secret", "is empty".to_string()))?,
+        let secret =
+            non_empty(secret.clone().into_bytes()).ok_or(("secret", "is empty".to_string()))?;
+        warn_weak_secret(
+            "repos[..].secret",
+            &format!("repo `{}`", repo.name),
+            &secret,
+            None,
         );
+        secrets.push(secret);
     }
     if secrets.is_empty() {
         tracing::warn!(repo = %repo.name, "no webhook secret configured: every webhook for this repo will be refused (401)");
@@ -836,13 +881,21 @@ fn resolve_auth(
             "token_env",
             format!("environment variable {var} is not set"),
         ))?;
-        auth.token = Some(
-            non_empty(value.into_bytes())
-                .ok_or(("token_env", format!("environment variable {var} is empty")))?,
-        );
+        let token = non_empty(value.into_bytes())
+            .ok_or(("token_env", format!("environment variable {var} is empty")))?;
+        warn_weak_secret("repos[..].auth.token_env", var, &token, None);
+        auth.token = Some(token);
     }
     if let Some(file) = &auth.token_file {
-        auth.token = Some(read_secret_file(&base.join(file)).map_err(|m| ("token_file", m))?);
+        let path = base.join(file);
+        let token = read_secret_file(&path).map_err(|m| ("token_file", m))?;
+        warn_weak_secret(
+            "repos[..].auth.token_file",
+            &path.display().to_string(),
+            &token,
+            Some(&path),
+        );
+        auth.token = Some(token);
     }
     if let Some(var) = &auth.ssh_passphrase_env {
         let value = lookup(var).ok_or((
@@ -859,6 +912,9 @@ fn resolve_auth(
                 format!("{} is not a readable file", path.display()),
             ));
         }
+        for problem in secret_problems(None, file_mode(&path)) {
+            tracing::warn!(key = "repos[..].auth.ssh_key_file", source = %path.display(), "{problem}");
+        }
         auth.ssh_key_file = Some(path);
     }
     if let Some(kh) = &auth.known_hosts_file {
@@ -872,6 +928,60 @@ fn resolve_auth(
         auth.known_hosts_file = Some(path);
     }
     Ok(())
+}
+
+/// Secrets shorter than this can be guessed offline from a single signed request a forge sent.
+const MIN_SECRET_BYTES: usize = 16;
+
+/// What is wrong with how a secret is kept: `len` its length when known, `mode` its file's
+/// permission bits when it came from a file. Never says anything about the value itself.
+fn secret_problems(len: Option<usize>, mode: Option<u32>) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(mode) = mode.filter(|m| m & 0o077 != 0) {
+        problems.push(format!(
+            "secret file is readable by group or others (mode {:o}): chmod 600 it, or 400",
+            mode & 0o777
+        ));
+    }
+    if let Some(len) = len.filter(|l| *l < MIN_SECRET_BYTES) {
+        problems.push(format!(
+            "secret is {len} bytes, shorter than {MIN_SECRET_BYTES}: use a long random value (openssl rand -hex 32)"
+        ));
+    }
+    problems
+}
+
+/// The permission bits of `path` (following links, as a read does), when they can be read.
+fn file_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).ok().map(|m| m.permissions().mode())
+}
+
+/// Warns about each of [`secret_problems`], naming the key and where the secret came from (an
+/// environment variable's name, a file's path): never the value.
+fn warn_weak_secret(key: &str, source: &str, secret: &Secret, file: Option<&Path>) {
+    for problem in secret_problems(Some(secret.expose().len()), file.and_then(file_mode)) {
+        tracing::warn!(key, source, "{problem}");
+    }
+}
+
+/// The same warnings for a static credential given by variable or file (a digest gives nothing to
+/// check). Errors are reported by `auth::resolve_digest`, not here.
+fn warn_weak_token(
+    key: &str,
+    env: Option<&str>,
+    file: Option<&Path>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) {
+    if let Some(var) = env {
+        if let Some(value) = lookup(var).and_then(|v| non_empty(v.into_bytes())) {
+            warn_weak_secret(key, var, &value, None);
+        }
+    } else if let Some(path) = file {
+        if let Ok(secret) = read_secret_file(path) {
+            warn_weak_secret(key, &path.display().to_string(), &secret, Some(path));
+        }
+    }
 }
 
 /// Reads a secret from a file, without its trailing newline.
@@ -1002,6 +1112,34 @@ secret_env = "HOOK_SECRET"
         assert_eq!(c.server.heartbeat_secs, 5);
         assert_eq!(c.repos[0].branch, "production");
         assert_eq!(c.store_url(), "sqlite:///var/lib/c.db");
+    }
+
+    #[test]
+    fn weak_secrets_are_named_by_problem_never_by_value() {
+        assert!(secret_problems(Some(32), Some(0o100600)).is_empty());
+        assert!(secret_problems(Some(16), Some(0o400)).is_empty());
+        let short = secret_problems(Some(6), None);
+        assert_eq!(short.len(), 1);
+        assert!(short[0].contains("6 bytes"), "{short:?}");
+        for mode in [0o100640, 0o100604, 0o100644] {
+            let open = secret_problems(Some(32), Some(mode));
+            assert_eq!(open.len(), 1, "{mode:o}");
+            assert!(open[0].contains("group or others"), "{open:?}");
+        }
+        assert_eq!(secret_problems(Some(3), Some(0o644)).len(), 2);
+    }
+
+    #[test]
+    fn a_secret_files_mode_is_read_from_the_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hook");
+        std::fs::write(&path, "a-long-enough-webhook-secret\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(file_mode(&path).map(|m| m & 0o777), Some(0o644));
+        assert_eq!(secret_problems(None, file_mode(&path)).len(), 1);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(secret_problems(None, file_mode(&path)).is_empty());
     }
 
     #[test]

@@ -132,6 +132,8 @@ mod server {
             let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
             tracker.spawn(async move { store.watch(wake, token).await });
         }
+        let expiry = Duration::from_secs(config.limits.instance_expiry_secs);
+        store::upkeep::start(&tracker, &store, expiry, &token);
         let syncers = Syncers::start(&config, store.clone(), hub.clone(), &tracker, token.clone());
         let port = addr.port();
         // The replica's name: the host's (the environment may not say: systemd sets no HOSTNAME).

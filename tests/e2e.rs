@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use confcast::protocol::{AckStatus, ClientMessage, FileStatus, ServerMessage};
 use serde_json::Value;
-use util::{config_repo, Instance, TestServer, SECRET};
+use util::{config_repo, Instance, ServerProcess, TestServer, SECRET};
 
 fn content(change: &confcast::protocol::Change, path: &str) -> Option<String> {
     change
@@ -113,10 +113,13 @@ async fn github_push_reaches_three_instances_and_acks_show_in_the_api() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gitlab_push_and_form_encoded_github_push_are_delivered() {
+async fn gitlab_secret_token_push_is_delivered_when_the_provider_is_gitlab() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let server = TestServer::start(dir.path(), &repo, "").await;
+    // The plain-text secret token counts only when the repo names GitLab (auto refuses it:
+    // forges.rs).
+    let server =
+        TestServer::start(dir.path(), &repo, "[repos.webhook]\nprovider = \"gitlab\"").await;
     server.wait_syncs(1).await;
     let mut instances = Vec::new();
     for name in ["a", "b", "c"] {
@@ -152,6 +155,15 @@ async fn gitlab_push_and_form_encoded_github_push_are_delivered() {
     // A wrong GitLab token is refused.
     let bad = [("x-gitlab-event", "Push Hook"), ("x-gitlab-token", "nope")];
     assert_eq!(server.webhook(&bad, b"{}".to_vec(), None).await.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn form_encoded_github_push_is_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "a", &["billing"]).await;
 
     // GitHub's default content type: payload=<url-encoded JSON>, signature over the form body.
     let commit = repo
@@ -178,14 +190,12 @@ async fn gitlab_push_and_form_encoded_github_push_are_delivered() {
             .0,
         202
     );
-    for i in &mut instances {
-        let c = i.next_change().await;
-        assert_eq!(c.version, 3);
-        assert_eq!(
-            content(&c, "billing/plans.yaml").as_deref(),
-            Some("plans: [team, pro]\n")
-        );
-    }
+    let c = i.next_change().await;
+    assert_eq!(c.version, 2);
+    assert_eq!(
+        content(&c, "billing/plans.yaml").as_deref(),
+        Some("plans: [team, pro]\n")
+    );
 }
 
 fn url_encode(s: &str) -> String {
@@ -774,6 +784,295 @@ async fn a_truncated_body_gets_a_clear_400() {
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("could not read the request body"), "{reply}");
     assert_eq!(server.get("/healthz").await.0, 200);
+}
+
+// ---- safe to expose: a failing store, stuck syncs, expiry, credentials -------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_file_moved_away_fails_readiness_and_is_logged_once_until_it_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = ServerProcess::start(dir.path(), &repo, "", "").await;
+    let readyz = async || {
+        let reply = server
+            .http
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz");
+        let status = reply.status().as_u16();
+        (status, reply.json::<Value>().await.expect("JSON"))
+    };
+    let db = dir.path().join("data").join("confcast.db");
+    let aside = dir.path().join("aside.db");
+    std::fs::rename(&db, &aside).expect("move the database away");
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().expect("a reason");
+    assert!(
+        error.starts_with("store: ") && error.contains("moved away"),
+        "{error}"
+    );
+    // Nobody has to poll for it: the health watch logs it, as an error.
+    let line = server.wait_log(&["ERROR", "store unhealthy"]).await;
+    assert!(line.contains("moved away"), "{line}");
+
+    std::fs::rename(&aside, &db).expect("put it back");
+    server.wait_log(&["INFO", "store healthy again"]).await;
+    assert_eq!(readyz().await.0, 200);
+    assert_eq!(
+        server.log().matches("store unhealthy").count(),
+        1,
+        "one line when it went bad, not one per check"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_sqlite_file_fails_readiness_and_nothing_is_published_into_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let (mut i, _) = Instance::subscribed(&server, "web-1", &["payments"]).await;
+
+    // A restore from backup over the live file: the server still has the old one open.
+    let db = server.data_dir.join("confcast.db");
+    let restored = server.data_dir.join("restored.db");
+    std::fs::copy(&db, &restored).expect("copy");
+    std::fs::rename(&restored, &db).expect("replace");
+    let (status, body) = server.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("replaced")),
+        "{body}"
+    );
+
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 1\n".as_slice()))],
+            "into the void?",
+        )
+        .expect("commit");
+    assert_eq!(
+        server
+            .github_push("main", &commit.to_string(), SECRET)
+            .await
+            .0,
+        202
+    );
+    let state = server.wait_syncs(2).await;
+    assert!(
+        state["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("replaced")),
+        "{state}"
+    );
+    assert!(
+        i.maybe_next(Duration::from_millis(500)).await.is_none(),
+        "a change that would vanish at the next restart is not sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_a_repo_stuck_on_one_error_and_stays_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let origin = dir.path().join("origin.git");
+    let aside = dir.path().join("origin-aside.git");
+    std::fs::rename(&origin, &aside).expect("take the remote away");
+    let sync = async || {
+        let reply = server
+            .http
+            .post(server.url("/api/v1/repos/cfg/sync"))
+            .send()
+            .await
+            .expect("POST sync");
+        assert_eq!(reply.status().as_u16(), 202);
+    };
+
+    sync().await;
+    let state = server.wait_syncs(2).await;
+    assert!(state["last_error"].is_string(), "{state}");
+    // One failure is a blip: still plainly ready.
+    let (status, ready) = server.get("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
+    assert_eq!(ready["degraded"], serde_json::json!([]));
+
+    // Retries (backoff or forced) keep failing the same way: stuck.
+    for n in 3..=4 {
+        sync().await;
+        server.wait_syncs(n).await;
+    }
+    let (status, ready) = server.get("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("degraded")));
+    let stuck = &ready["degraded"][0];
+    assert_eq!(stuck["repo"], "cfg", "{ready}");
+    assert!(stuck["consecutive_failures"].as_u64() >= Some(3), "{ready}");
+    let (_, repos) = server.get("/api/v1/repos").await;
+    assert_eq!(stuck["error"], repos["repos"][0]["last_error"], "{ready}");
+
+    std::fs::rename(&aside, &origin).expect("bring the remote back");
+    sync().await;
+    let recovered = tokio::time::timeout(util::WAIT, async {
+        loop {
+            let (_, ready) = server.get("/readyz").await;
+            if ready["status"] == "ready" {
+                return ready;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("ready again after a successful sync");
+    assert_eq!(recovered["degraded"], serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_gone_longer_than_the_expiry_no_longer_holds_back_a_rollout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start_with(
+        dir.path(),
+        &repo,
+        "\n[limits]\ninstance_expiry_secs = 1",
+        "",
+    )
+    .await;
+    server.wait_syncs(1).await;
+    let (mut gone, _) = Instance::subscribed(&server, "scaled-away", &["payments"]).await;
+    gone.ack("payments", 1, AckStatus::Applied, None).await;
+    let (mut stays, _) = Instance::subscribed(&server, "stays", &["payments"]).await;
+    stays.ack("payments", 1, AckStatus::Applied, None).await;
+
+    // Version 2 while `scaled-away` is still there, but never applies it.
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 2\n".as_slice()))],
+            "v2",
+        )
+        .expect("commit");
+    server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    assert_eq!(stays.next_change().await.version, 2);
+    stays.ack("payments", 2, AckStatus::Applied, None).await;
+    let names = |entries: &Value| -> Vec<String> {
+        entries
+            .as_array()
+            .expect("rollout entries")
+            .iter()
+            .filter_map(|e| e["instance"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let topic = server
+        .wait_topic("payments", |t| {
+            t["version"] == 2
+                && t["rollout"]["applied"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+        })
+        .await;
+    assert_eq!(topic["rollout"]["converged"], false);
+    assert_eq!(names(&topic["rollout"]["behind"]), ["scaled-away"]);
+
+    // It is scaled away: disconnected, then forgotten once the expiry has passed.
+    drop(gone);
+    tokio::time::timeout(util::WAIT, async {
+        loop {
+            let (_, all) = server.get("/api/v1/instances").await;
+            let ids: Vec<&str> = all["instances"]
+                .as_array()
+                .expect("instances")
+                .iter()
+                .filter_map(|i| i["id"].as_str())
+                .collect();
+            if ids == ["stays"] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the disconnected instance is forgotten after the expiry");
+    assert_eq!(server.get("/api/v1/instances/scaled-away").await.0, 404);
+    let topic = server.get("/api/v1/topics/payments").await.1;
+    assert_eq!(topic["rollout"]["converged"], true, "{topic}");
+    assert_eq!(names(&topic["rollout"]["applied"]), ["stays"]);
+    assert_eq!(names(&topic["rollout"]["behind"]), Vec::<String>::new());
+    // Connected all along, longer than the expiry: never forgotten.
+    let (_, stays_view) = server.get("/api/v1/instances/stays").await;
+    assert_eq!(stays_view["connected"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_urls_reach_neither_the_api_nor_the_log_nor_check_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens there: every fetch fails, and its error is shown and logged.
+    let port = util::free_port();
+    let repo_url =
+        format!("http://bot:hunter2-secret@127.0.0.1:{port}/r.git?access_token=t0ken-in-query");
+    let shown = format!("http://***@127.0.0.1:{port}/r.git?access_token=***");
+    let secrets = [
+        "hunter2-secret",
+        "t0ken-in-query",
+        "pg-pass-word",
+        "pg-query-pass",
+    ];
+    let server = ServerProcess::start_url(dir.path(), &repo_url, "", "").await;
+    let repos = tokio::time::timeout(util::WAIT, async {
+        loop {
+            let repos = server.get("/api/v1/repos").await;
+            if repos["repos"][0]["last_error"].is_string() {
+                return repos;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the fetch fails");
+    assert_eq!(repos["repos"][0]["url"], shown.as_str(), "{repos}");
+    let line = server.wait_log(&["sync failed"]).await;
+    for secret in secrets {
+        assert!(!repos.to_string().contains(secret), "{secret} in {repos}");
+        assert!(
+            !server.log().contains(secret),
+            "{secret} in the log: {line}"
+        );
+    }
+
+    let config = dir.path().join("check.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"postgres://confcast:pg-pass-word@127.0.0.1:1/confcast?password=pg-query-pass\"\n\n[[repos]]\nname = \"cfg\"\nurl = \"{repo_url}\"\nsecret = \"{SECRET}\"\n"
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_confcast"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run check-config");
+    assert!(out.status.success(), "{out:?}");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains("postgres://***@127.0.0.1:1/confcast?password=***"),
+        "{printed}"
+    );
+    assert!(printed.contains(&shown), "{printed}");
+    for secret in secrets {
+        assert!(!printed.contains(secret), "{secret} in {printed}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,3 +232,81 @@ async fn polling_converges_when_every_webhook_is_lost() {
     assert!(r["next_poll_ms"].as_i64().is_some(), "{r}");
     assert!(r["last_error"].is_null(), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_refuses_a_gitlab_secret_token_even_when_it_is_the_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    let syncs = server.wait_syncs(1).await["syncs"].as_u64().expect("syncs");
+    // Under `auto` the secret is an HMAC key: seen once in clear, it must not open the door.
+    let body = serde_json::json!({"object_kind": "push", "ref": "refs/heads/main"}).to_string();
+    let headers = [
+        ("x-gitlab-event", "Push Hook"),
+        ("x-gitlab-token", SECRET),
+        (
+            "x-gitlab-event-uuid",
+            "6a0a4a8c-0000-4000-8000-000000000001",
+        ),
+    ];
+    let (status, reply) = server.webhook(&headers, body.into_bytes(), None).await;
+    assert_eq!(status, 401, "{reply}");
+    let error = reply["error"].as_str().expect("error");
+    assert!(error.contains("repos[..].webhook.provider"), "{error}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, repos) = server.get("/api/v1/repos").await;
+    assert_eq!(repos["repos"][0]["syncs"].as_u64(), Some(syncs), "no sync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_delivery_with_an_oversized_id_is_refused_before_it_is_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    let syncs = server.wait_syncs(1).await["syncs"].as_u64().expect("syncs");
+    let body = serde_json::json!({"ref": "refs/heads/main", "after": "a".repeat(40)})
+        .to_string()
+        .into_bytes();
+    // The id header is not covered by the signature: a captured delivery can be replayed with
+    // any id. 257 bytes is one over the default limit of 256.
+    let long = "x".repeat(257);
+    let headers = [
+        ("x-github-event", "push"),
+        ("x-github-delivery", long.as_str()),
+    ];
+    let (status, reply) = server.webhook(&headers, body.clone(), Some(SECRET)).await;
+    assert_eq!(status, 400, "{reply}");
+    let error = reply["error"].as_str().expect("error");
+    assert!(
+        error.contains("257 bytes") && error.contains("limits.max_delivery_id_bytes"),
+        "{error}"
+    );
+    // Nothing was stored, and nothing synced.
+    let db = format!("sqlite://{}", server.data_dir.join("confcast.db").display());
+    let stored_ids = async || -> Vec<String> {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&db)
+            .await
+            .expect("open the server's database");
+        sqlx::query_scalar("SELECT id FROM deliveries")
+            .fetch_all(&mut conn)
+            .await
+            .expect("read deliveries")
+    };
+    assert!(stored_ids().await.is_empty());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, repos) = server.get("/api/v1/repos").await;
+    assert_eq!(repos["repos"][0]["syncs"].as_u64(), Some(syncs), "no sync");
+
+    // At the limit it is an ordinary delivery, remembered as such.
+    let at_limit = "y".repeat(256);
+    let headers = [
+        ("x-github-event", "push"),
+        ("x-github-delivery", at_limit.as_str()),
+    ];
+    let (status, reply) = server.webhook(&headers, body.clone(), Some(SECRET)).await;
+    assert_eq!((status, reply["status"].as_str()), (202, Some("queued")));
+    let (status, reply) = server.webhook(&headers, body, Some(SECRET)).await;
+    assert_eq!((status, reply["status"].as_str()), (200, Some("duplicate")));
+    assert_eq!(stored_ids().await, [at_limit]);
+}

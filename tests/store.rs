@@ -667,6 +667,87 @@ mod contract {
         assert_eq!(connected(store.clone(), "web-1").await, Some(false));
     }
 
+    pub async fn expire_instances_forgets_long_disconnected_ones_with_their_acks(
+        store: Arc<dyn Store>,
+    ) {
+        store
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![("payments", vec![added("payments/app.toml", b"port = 1\n")])],
+            ))
+            .await
+            .expect("publish");
+        for id in ["gone", "late", "live"] {
+            store
+                .instance_connected(id, None, &BTreeMap::new(), &format!("conn-{id}"), "node-a")
+                .await
+                .expect("connected");
+            store
+                .record_ack(id, "payments", 1, AckStatus::Applied, None)
+                .await
+                .expect("record_ack")
+                .expect("ack accepted");
+        }
+        let ids = |store: Arc<dyn Store>| async move {
+            let instances = store.instances().await.expect("instances");
+            let acks = store.acks().await.expect("acks");
+            (
+                instances.into_iter().map(|i| i.id).collect::<Vec<_>>(),
+                acks.into_iter().map(|a| a.instance).collect::<Vec<_>>(),
+            )
+        };
+        store
+            .instance_disconnected("gone", "conn-gone")
+            .await
+            .expect("disconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let cutoff = now_ms();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store
+            .instance_disconnected("late", "conn-late")
+            .await
+            .expect("disconnected");
+
+        assert_eq!(store.expire_instances(cutoff).await.expect("expire"), 1);
+        let kept = vec!["late".to_string(), "live".to_string()];
+        assert_eq!(ids(store.clone()).await, (kept.clone(), kept));
+        assert!(store.acks_of("gone").await.expect("acks_of").is_empty());
+        assert_eq!(store.expire_instances(cutoff).await.expect("expire"), 0);
+
+        // However old its last word, a connected instance stays.
+        let later = now_ms() + 60_000;
+        assert_eq!(store.expire_instances(later).await.expect("expire"), 1);
+        let live = vec!["live".to_string()];
+        assert_eq!(ids(store.clone()).await, (live.clone(), live.clone()));
+
+        // A restart's reset is when its instances left: expiry counts from it, not from when
+        // they connected (else a long-connected instance would be forgotten at once).
+        let before_reset = now_ms();
+        store.reset_node("node-a").await.expect("reset_node");
+        assert_eq!(
+            store.expire_instances(before_reset).await.expect("expire"),
+            0
+        );
+        let instances = store.instances().await.expect("instances");
+        assert!(!instances[0].connected);
+        assert!(instances[0].last_seen_ms >= before_reset);
+        assert_eq!(ids(store.clone()).await, (live.clone(), live));
+    }
+
+    pub async fn check_passes_on_a_healthy_store(store: Arc<dyn Store>) {
+        store.check().await.expect("a fresh store is healthy");
+        store
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![("payments", vec![added("payments/app.toml", b"port = 1\n")])],
+            ))
+            .await
+            .expect("publish");
+        store.check().await.expect("still healthy after a publish");
+    }
+
     pub async fn lock_repo_lets_one_holder_at_a_time(store: Arc<dyn Store>) {
         let held = store.lock_repo("cfg").await.expect("lock_repo");
         let mut waiting = lock_in_background(&store, "cfg");
@@ -838,7 +919,90 @@ on_every_store!(
     rejections_are_written_and_cleared_by_publish,
     instances_follow_their_newest_connection_and_reset_node,
     lock_repo_lets_one_holder_at_a_time,
+    expire_instances_forgets_long_disconnected_ones_with_their_acks,
+    check_passes_on_a_healthy_store,
 );
+
+fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(since_epoch.as_millis()).expect("ms fit in i64")
+}
+
+// ---- health: what `check` sees that a round trip does not ------------------------------------
+
+mod health {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_file_moved_away_or_replaced_fails_check_and_publish() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_sqlite(dir.path()).await;
+        store.check().await.expect("healthy at first");
+        let db = dir.path().join("confcast.db");
+        let aside = dir.path().join("aside.db");
+        let change = |commit: &str| {
+            outcome(
+                "cfg",
+                commit,
+                vec![("payments", vec![added("payments/app.toml", b"port = 1\n")])],
+            )
+        };
+
+        // The open connections still read and write the file; only its path is gone.
+        std::fs::rename(&db, &aside).expect("move the database away");
+        assert_eq!(store.head_seq().await.expect("round trip still works"), 0);
+        let moved = store.check().await.expect_err("moved away");
+        assert!(
+            moved.to_string().contains("deleted or moved away"),
+            "{moved}"
+        );
+        // A publish would hand out numbers that vanish with the file: refused, rolled back.
+        let refused = store.publish(&change("c1")).await.expect_err("refused");
+        assert!(
+            refused.to_string().contains("deleted or moved away"),
+            "{refused}"
+        );
+        assert_eq!(store.head_seq().await.expect("head"), 0);
+
+        std::fs::rename(&aside, &db).expect("put it back");
+        store.check().await.expect("healthy once back");
+        store.publish(&change("c2")).await.expect("publishes again");
+
+        // Another file at the path (a restore from backup): the connections keep the old one.
+        std::fs::copy(&db, &aside).expect("copy");
+        std::fs::rename(&aside, &db).expect("replace");
+        let replaced = store.check().await.expect_err("replaced");
+        assert!(replaced.to_string().contains("replaced"), "{replaced}");
+        let refused = store.publish(&change("c3")).await.expect_err("refused");
+        assert!(refused.to_string().contains("replaced"), "{refused}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_read_only_sessions_fail_check() {
+        let Some(db) = PgDb::create().await else {
+            return;
+        };
+        let writable = db.open().await;
+        writable.check().await.expect("healthy at first");
+        // What a failover to a standby looks like to new sessions: every write would fail.
+        let mut admin = db.admin().await;
+        sqlx::Executor::execute(
+            &mut admin,
+            format!(
+                "ALTER DATABASE {} SET default_transaction_read_only = on",
+                db.name
+            )
+            .as_str(),
+        )
+        .await
+        .expect("make the database read-only");
+        let read_only = db.open().await;
+        let error = read_only.check().await.expect_err("read-only");
+        assert!(error.to_string().contains("read-only"), "{error}");
+    }
+}
 
 // ---- several replicas on one PostgreSQL database ----------------------------------------------
 

@@ -17,6 +17,7 @@ use crate::app::{bearer, App, AppError, AppState};
 use crate::config::ApiScope;
 use crate::protocol::{topic_matches, AckStatus};
 use crate::store::{AckRecord, InstanceRecord};
+use crate::sync::STUCK_AFTER;
 
 pub fn router(app: AppState) -> Router {
     // The query API needs a `read` credential, its writes an `admin` one (when API tokens are
@@ -86,9 +87,32 @@ async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, 
     if app.shutdown.is_cancelled() {
         return Err(AppError::Unavailable("shutting down".into()));
     }
+    // A store that answers but would lose or refuse writes (its file deleted, the disk full) is
+    // as unready as one that is down. Not logged here: probes come often, and the health watch
+    // (store::upkeep) logs the change once.
+    app.store
+        .check()
+        .await
+        .map_err(|e| AppError::Unavailable(format!("store: {e}")))?;
     let seq = app.store.head_seq().await?;
+    // A repo stuck on one error does not stop this replica serving what it has, and every
+    // replica would fail alike: it stays in the load balancer (200) and says what is stuck.
+    let degraded: Vec<serde_json::Value> = app
+        .syncers
+        .status()
+        .into_iter()
+        .filter(|s| s.consecutive_failures >= STUCK_AFTER)
+        .map(|s| {
+            json!({"repo": s.name, "consecutive_failures": s.consecutive_failures, "error": s.last_error})
+        })
+        .collect();
+    let status = if degraded.is_empty() {
+        "ready"
+    } else {
+        "degraded"
+    };
     Ok(Json(
-        json!({"status": "ready", "seq": seq, "node": app.node}),
+        json!({"status": status, "seq": seq, "node": app.node, "degraded": degraded}),
     ))
 }
 

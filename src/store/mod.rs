@@ -8,6 +8,7 @@
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
+pub mod upkeep;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,13 +24,18 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("unsupported store url `{0}` (use sqlite://PATH or postgres://...)")]
+    /// Carries the scheme only: the rest of a store url may hold a password.
+    #[error("unsupported store url scheme `{0}` (use sqlite://PATH or postgres://...)")]
     UnsupportedUrl(String),
     #[error("cannot create the database directory {path}: {source}")]
     Directory {
         path: String,
         source: std::io::Error,
     },
+    /// The database answers, but using it would lose or refuse writes; the message says why
+    /// and what to do.
+    #[error("{0}")]
+    Unhealthy(String),
 }
 
 /// What one sync found: the new head of a repo and the changes of each topic it touches.
@@ -219,6 +225,10 @@ pub trait Store: Send + Sync + 'static {
         connection: &str,
     ) -> Result<(), StoreError>;
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+    /// Forgets every instance disconnected before `disconnected_before_ms`, with its acks, so a
+    /// rollout stops waiting for instances that were scaled away. Connected instances stay,
+    /// however old. Returns how many were forgotten.
+    async fn expire_instances(&self, disconnected_before_ms: i64) -> Result<u64, StoreError>;
 
     /// Records what `instance` did with `version` of `topic` (its latest word per topic counts).
     async fn record_ack(
@@ -257,6 +267,10 @@ pub trait Store: Send + Sync + 'static {
     /// whatever the previous process had is gone).
     async fn reset_node(&self, node: &str) -> Result<(), StoreError>;
 
+    /// Whether the store can be used right now: a round trip, plus what each database can check
+    /// cheaply for writes that would fail or be lost (see each backend). Bounded in time.
+    async fn check(&self) -> Result<(), StoreError>;
+
     /// Calls `wake` whenever another replica may have appended to the log, until `shutdown`.
     /// A store with a single writer (SQLite) has nothing to watch and returns at once.
     async fn watch(
@@ -288,7 +302,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(postgres::open(url).await?))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_string()))
+        let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+        Err(StoreError::UnsupportedUrl(scheme.to_string()))
     }
 }
 

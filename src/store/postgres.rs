@@ -223,11 +223,33 @@ impl Backend for PgBackend {
 
     async fn reset_node(&self, pool: &Pool<Postgres>, node: &str) -> Result<(), StoreError> {
         // Other replicas share the table: only the connections this replica recorded died with
-        // its previous run.
-        sqlx::query("UPDATE instances SET connected = false WHERE node = $1 AND connected")
-            .bind(node)
-            .execute(pool)
-            .await?;
+        // its previous run, about now (expiry counts from here).
+        sqlx::query(
+            "UPDATE instances SET connected = false, last_seen = $2 WHERE node = $1 AND connected",
+        )
+        .bind(node)
+        .bind(super::now_ms())
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The round trip (done by the caller) shows the server is reachable. What a replica can
+    /// also see cheaply is whether its sessions may write: after a failover to a standby, or
+    /// with `default_transaction_read_only`, every publish would fail. A full disk on the
+    /// server is not visible from here; it fails the publish, which the sync reports.
+    async fn check(&self, pool: &Pool<Postgres>) -> Result<(), StoreError> {
+        let read_only: String =
+            sqlx::query_scalar("SELECT current_setting('transaction_read_only')")
+                .fetch_one(pool)
+                .await?;
+        if read_only == "on" {
+            return Err(StoreError::Unhealthy(
+                "PostgreSQL sessions are read-only (connected to a standby, or \
+                 default_transaction_read_only is on): publishes would fail"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 

@@ -38,6 +38,10 @@ const DELIVERIES_KEPT: i64 = 10_000;
 /// How many topic names one `IN (...)` list binds: well under both databases' parameter limits.
 const NAMES_PER_QUERY: usize = 500;
 
+/// How long [`Store::check`] may take: a probe that hangs (a pool waiting for an unreachable
+/// server) must answer "unhealthy", not keep a readiness probe waiting past its own timeout.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The schema, in order, written once. Column types that differ are written as tokens each
 /// backend replaces ([`Backend::TYPES`]): `{int}` (a 64-bit integer), `{bool}`, `{bytes}` and
 /// `{serial}` (an auto-numbered 64-bit primary key). A database records how many steps it ran, so
@@ -116,7 +120,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Runs the [`MIGRATIONS`] this database has not run yet.
     async fn migrate(&self, pool: &Pool<Self::Db>) -> Result<(), StoreError>;
 
-    /// Called inside a publish transaction that appended up to `head`, before it commits.
+    /// Called inside a publish transaction that appended up to `head`, before it commits: an
+    /// error here rolls the publish back.
     async fn published(
         &self,
         tx: &mut Transaction<'static, Self::Db>,
@@ -130,6 +135,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// See [`Store::watch`].
     async fn watch(&self, wake: Arc<Notify>, shutdown: CancellationToken);
+
+    /// What this database can check beyond a round trip (which [`SqlStore`] does), see
+    /// [`Store::check`].
+    async fn check(&self, pool: &Pool<Self::Db>) -> Result<(), StoreError>;
 }
 
 /// The [`Store`] over one database `B` drives.
@@ -608,6 +617,36 @@ where
             .collect()
     }
 
+    async fn expire_instances(&self, disconnected_before_ms: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The instances first, and their acks by the ids actually deleted: an instance that
+        // reconnects meanwhile waits for (or is not matched by) this delete, so it never keeps
+        // a row whose acks were taken away.
+        let rows = sqlx::query(
+            "DELETE FROM instances WHERE connected = false AND last_seen < $1 RETURNING id",
+        )
+        .bind(disconnected_before_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        for ids in ids.chunks(NAMES_PER_QUERY) {
+            let sql = format!(
+                "DELETE FROM acks WHERE instance IN ({})",
+                placeholders(1, ids.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in ids {
+                query = query.bind(id.as_str());
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
+    }
+
     async fn record_ack(
         &self,
         instance: &str,
@@ -746,6 +785,20 @@ where
 
     async fn watch(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
         self.backend.watch(wake, shutdown).await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        let probe = async {
+            self.head_seq().await?;
+            self.backend.check(&self.pool).await
+        };
+        tokio::time::timeout(CHECK_TIMEOUT, probe)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unhealthy(format!(
+                    "the database did not answer within {CHECK_TIMEOUT:?}"
+                )))
+            })
     }
 }
 

@@ -1,10 +1,20 @@
 //! The embedded SQLite store: one file under `data_dir`, WAL mode, zero set-up.
 //!
 //! Only what SQLite does its own way is here: the connection settings, `PRAGMA user_version` as
-//! the migration counter, and in-process repo locks (one process owns the file). The queries are
-//! in [`super::sql`].
+//! the migration counter, in-process repo locks (one process owns the file), and the health of
+//! the file itself. The queries are in [`super::sql`].
+//!
+//! Open connections keep working on a database file that was deleted or replaced under them,
+//! so nothing fails by itself: every write would go to a file no one will see again. The file's
+//! identity (device and inode) is therefore remembered at open, and [`Store::check`] and every
+//! publish compare it with what the path names now.
+//!
+//! [`Store::check`]: super::Store::check
 
 use std::collections::HashMap;
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,9 +34,84 @@ use super::{RepoLock, StoreError};
 pub type SqliteStore = SqlStore<SqliteBackend>;
 
 /// One process writes a SQLite file: per-repo locks are in-process mutexes.
-#[derive(Default)]
 pub struct SqliteBackend {
     repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The database file as opened; `None` for an in-memory database.
+    file: Option<DatabaseFile>,
+}
+
+/// Which file the pool's connections have open: its path and its identity then.
+#[derive(Debug, Clone)]
+struct DatabaseFile {
+    path: PathBuf,
+    device: u64,
+    inode: u64,
+}
+
+/// Bytes the write probe writes next to the database: one page of WAL growth is the least a
+/// publish needs; a few pages show there is some room, not that a large change fits.
+const PROBE_BYTES: usize = 64 * 1024;
+
+impl DatabaseFile {
+    fn identify(path: &Path) -> Result<DatabaseFile, StoreError> {
+        let meta = std::fs::metadata(path).map_err(|e| {
+            StoreError::Unhealthy(format!(
+                "cannot read the database file {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(DatabaseFile {
+            path: path.to_path_buf(),
+            device: meta.dev(),
+            inode: meta.ino(),
+        })
+    }
+
+    /// Whether the path still names the file the connections have open.
+    fn still_there(&self) -> Result<(), StoreError> {
+        let path = self.path.display();
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == (self.device, self.inode) => Ok(()),
+            Ok(_) => Err(StoreError::Unhealthy(format!(
+                "database file {path} was replaced by another file while confcast had it open: \
+                 writes would go to the old one; restart confcast to use the new one"
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(StoreError::Unhealthy(format!(
+                    "database file {path} was deleted or moved away while confcast had it open: \
+                 writes would be lost at the next restart; put it back or restart confcast"
+                )))
+            }
+            Err(e) => Err(StoreError::Unhealthy(format!(
+                "cannot check the database file {path}: {e}"
+            ))),
+        }
+    }
+
+    /// Writes (and removes) a small file next to the database. A write into the database
+    /// itself would prove little: WAL frames reuse space already allocated, so a full disk shows
+    /// only when the WAL or the file must grow, mid-publish. A new file needs new blocks, so this
+    /// fails on a full disk, a read-only filesystem or a directory we may no longer write.
+    fn probe_write(&self) -> Result<(), StoreError> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let failed = |e: std::io::Error| {
+            StoreError::Unhealthy(format!(
+                "cannot write {PROBE_BYTES} bytes in {}, the database's directory \
+                 (disk full or read-only?): {e}",
+                dir.display()
+            ))
+        };
+        let mut probe = tempfile::Builder::new()
+            .prefix(".confcast-write-probe")
+            .tempfile_in(dir)
+            .map_err(failed)?;
+        probe.write_all(&[0u8; PROBE_BYTES]).map_err(failed)?;
+        probe.flush().map_err(failed)?;
+        probe.close().map_err(failed)
+    }
 }
 
 impl RowsAffected for SqliteQueryResult {
@@ -51,6 +136,7 @@ pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
             })?;
         }
     }
+    let in_memory = path.is_empty() || path.starts_with(":memory:") || url.contains("mode=memory");
     let options = SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -62,7 +148,16 @@ pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
         .max_connections(4)
         .connect_with(options)
         .await?;
-    SqlStore::new(pool, SqliteBackend::default()).await
+    let file = if in_memory {
+        None
+    } else {
+        Some(DatabaseFile::identify(Path::new(path))?)
+    };
+    let backend = SqliteBackend {
+        repo_locks: Mutex::default(),
+        file,
+    };
+    SqlStore::new(pool, backend).await
 }
 
 #[async_trait]
@@ -101,8 +196,14 @@ impl Backend for SqliteBackend {
         _tx: &mut Transaction<'static, Sqlite>,
         _head: u64,
     ) -> Result<(), StoreError> {
-        // One process writes the file and its hub reads the log itself: nobody to wake.
-        Ok(())
+        // One process writes the file and its hub reads the log itself: nobody to wake. But a
+        // publish into a file that is no longer at its path would hand out sequence numbers
+        // that vanish at the next restart: refuse it, and the sync retries. (One stat; the
+        // write probe is left to `check`.)
+        match &self.file {
+            Some(file) => file.still_there(),
+            None => Ok(()),
+        }
     }
 
     async fn lock_repo(&self, _pool: &Pool<Sqlite>, repo: &str) -> Result<RepoLock, StoreError> {
@@ -114,8 +215,10 @@ impl Backend for SqliteBackend {
     }
 
     async fn reset_node(&self, pool: &Pool<Sqlite>, _node: &str) -> Result<(), StoreError> {
-        // One process owns a SQLite file: every connection it recorded belonged to it.
-        sqlx::query("UPDATE instances SET connected = false WHERE connected")
+        // One process owns a SQLite file: every connection it recorded belonged to it. They
+        // ended with that process, about now: expiry counts from here, not from their connect.
+        sqlx::query("UPDATE instances SET connected = false, last_seen = $1 WHERE connected")
+            .bind(super::now_ms())
             .execute(pool)
             .await?;
         Ok(())
@@ -124,5 +227,21 @@ impl Backend for SqliteBackend {
     async fn watch(&self, wake: Arc<Notify>, shutdown: CancellationToken) {
         // A single writer: the hub already reads everything this process appends.
         let _ = (wake, shutdown);
+    }
+
+    /// The file is still the one opened, and its directory takes a write. Not covered: the
+    /// file made read-only while open (the open connections keep writing; the error comes when
+    /// the pool opens a new one), and bad sectors in pages the round trip does not read.
+    async fn check(&self, _pool: &Pool<Sqlite>) -> Result<(), StoreError> {
+        let Some(file) = self.file.clone() else {
+            return Ok(());
+        };
+        // Filesystem calls can block (a hung network mount): not on the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            file.still_there()?;
+            file.probe_write()
+        })
+        .await
+        .map_err(|e| StoreError::Unhealthy(format!("the file check did not finish: {e}")))?
     }
 }

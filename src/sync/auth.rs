@@ -13,7 +13,7 @@ use base64::Engine as _;
 use git2::{CertificateCheckStatus, Cred, CredentialType, RemoteCallbacks};
 use hmac::{Hmac, Mac};
 
-use super::git::{redact_url, GitError};
+use super::git::{redact_url, scrub, scrub_error, GitError};
 use crate::config::{GitAuth, RepoConfig};
 
 pub fn fetch_timeout(auth: &GitAuth) -> Duration {
@@ -130,7 +130,7 @@ pub fn explain(
                 "repo `{}`: authentication failed at {} ({})",
                 repo.name,
                 redact_url(&repo.url),
-                source.message()
+                scrub(source.message(), &repo.url)
             ),
         };
     }
@@ -138,7 +138,7 @@ pub fn explain(
         repo: repo.name.clone(),
         branch: repo.branch.clone(),
         url: redact_url(&repo.url),
-        source,
+        source: scrub_error(source, &repo.url),
     }
 }
 

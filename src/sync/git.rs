@@ -566,7 +566,7 @@ fn fetch(mirror: &Repository, repo: &RepoConfig) -> Result<Oid, GitError> {
         repo: repo.name.clone(),
         branch: repo.branch.clone(),
         url: redact_url(&repo.url),
-        source,
+        source: scrub_error(source, &repo.url),
     };
     let missing = || GitError::BranchMissing {
         repo: repo.name.clone(),
@@ -600,14 +600,87 @@ fn fetch(mirror: &Repository, repo: &RepoConfig) -> Result<Oid, GitError> {
     reference.target().ok_or_else(missing)
 }
 
-/// Drops any user:password part of a URL before it goes into an error or a log.
+/// Hides what a URL may carry as credentials, before it goes into an error, a log, the API or
+/// `check-config` output: the whole userinfo (`user:password@`, or a token given as the user, as
+/// GitHub allows) becomes `***@`, and every query value becomes `***` (`?access_token=***`),
+/// whatever its name, since forges and proxies each name their token parameter differently.
+/// Scheme, host, path, query keys and fragment stay, so the URL still says where it points.
+///
+/// The userinfo ends at the last `@` before the query: a password with a raw `@` or `/` is
+/// still hidden whole, at the price of also hiding a host when the path itself has an `@`.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
+    let (head, tail) = url.split_at(url.find(['?', '#']).unwrap_or(url.len()));
+    let mut out = match (head.find("://"), head.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+            format!("{}://***@{}", &head[..scheme], &head[at + 1..])
         }
-        _ => url.to_string(),
+        _ => head.to_string(),
+    };
+    match tail.strip_prefix('?') {
+        Some(rest) => {
+            let (query, fragment) = rest.split_at(rest.find('#').unwrap_or(rest.len()));
+            let masked: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) => format!("{key}=***"),
+                    None if pair.is_empty() => String::new(),
+                    None => "***".to_string(),
+                })
+                .collect();
+            out.push('?');
+            out.push_str(&masked.join("&"));
+            out.push_str(fragment);
+        }
+        None => out.push_str(tail),
     }
+    out
+}
+
+/// Credentials shorter than this are not searched for in free text: replacing every `1` or
+/// `ab` would garble messages, and so short a secret protects nothing anyway.
+const SCRUB_MIN_BYTES: usize = 4;
+
+/// `text` (a libgit2 or driver message about `url`) with the URL and each credential in it
+/// hidden: such messages may quote the URL as given, or only a piece of it (a libgit2 message
+/// may show the URL it built for a request, with the same token in it).
+pub fn scrub(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &redact_url(url));
+    for secret in credentials(url) {
+        if secret.len() >= SCRUB_MIN_BYTES {
+            out = out.replace(secret, "***");
+        }
+    }
+    out
+}
+
+/// The parts of `url` that [`redact_url`] hides: the userinfo, its password, the query values.
+fn credentials(url: &str) -> Vec<&str> {
+    let head = &url[..url.find(['?', '#']).unwrap_or(url.len())];
+    let mut found = Vec::new();
+    if let (Some(scheme), Some(at)) = (head.find("://"), head.rfind('@')) {
+        if at > scheme + 3 {
+            let userinfo = &head[scheme + 3..at];
+            found.push(userinfo);
+            if let Some((_, password)) = userinfo.split_once(':') {
+                found.push(password);
+            }
+        }
+    }
+    if let Some(start) = url.find('?') {
+        let query = &url[start + 1..];
+        let query = &query[..query.find('#').unwrap_or(query.len())];
+        for pair in query.split('&') {
+            found.push(pair.split_once('=').map_or(pair, |(_, value)| value));
+        }
+    }
+    // Longest first, so a password inside the userinfo does not leave the rest of it behind.
+    found.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    found
+}
+
+/// `error` with its message [`scrub`]bed of `url`'s credentials, its code and class kept.
+pub fn scrub_error(error: git2::Error, url: &str) -> git2::Error {
+    git2::Error::new(error.code(), error.class(), scrub(error.message(), url))
 }
 
 #[cfg(test)]
@@ -616,11 +689,66 @@ mod tests {
 
     #[test]
     fn credentials_never_reach_messages() {
-        assert_eq!(
-            redact_url("https://user:tok@example.com/r.git"),
-            "https://***@example.com/r.git"
+        for (url, shown) in [
+            (
+                "https://user:tok@example.com/r.git",
+                "https://***@example.com/r.git",
+            ),
+            // A token as the user, as GitHub accepts.
+            (
+                "https://ghp_abcdef@github.com/o/r.git",
+                "https://***@github.com/o/r.git",
+            ),
+            // A raw `@` or `/` in a password: hidden whole.
+            (
+                "https://u:p@ss/w@git.example.com/r.git",
+                "https://***@git.example.com/r.git",
+            ),
+            (
+                "https://git.example.com/r.git?access_token=s3cr3t&private_token=x",
+                "https://git.example.com/r.git?access_token=***&private_token=***",
+            ),
+            (
+                "https://h/r.git?token=a&password=b&key=c&bare#frag",
+                "https://h/r.git?token=***&password=***&key=***&***#frag",
+            ),
+            (
+                "postgres://confcast:pw@db:5432/confcast?sslmode=require",
+                "postgres://***@db:5432/confcast?sslmode=***",
+            ),
+            ("file:///tmp/r.git", "file:///tmp/r.git"),
+            ("git@github.com:o/r.git", "git@github.com:o/r.git"),
+            (
+                "sqlite:///var/lib/confcast/confcast.db",
+                "sqlite:///var/lib/confcast/confcast.db",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn messages_lose_the_url_and_each_credential_in_it() {
+        let url = "https://bot:hunter22@git.example.com/r.git?access_token=t0ken-value";
+        let message = format!(
+            "failed to connect to {url}; retried https://git.example.com/r.git/info/refs?service=git-upload-pack&access_token=t0ken-value as bot:hunter22"
         );
-        assert_eq!(redact_url("file:///tmp/r.git"), "file:///tmp/r.git");
+        let clean = scrub(&message, url);
+        for secret in ["hunter22", "t0ken-value"] {
+            assert!(!clean.contains(secret), "{clean}");
+        }
+        assert!(
+            clean.contains("https://***@git.example.com/r.git?access_token=***"),
+            "{clean}"
+        );
+        // Values too short to search for are left alone in free text (not in the URL).
+        assert_eq!(scrub("HTTP 401", "https://h/r?page=1"), "HTTP 401");
+        let error = scrub_error(
+            git2::Error::new(git2::ErrorCode::Auth, git2::ErrorClass::Http, &message),
+            url,
+        );
+        assert!(!error.message().contains("hunter22"));
+        assert_eq!(error.class(), git2::ErrorClass::Http);
     }
 
     #[test]

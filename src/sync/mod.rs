@@ -22,6 +22,10 @@ use crate::config::{Config, LimitsConfig, RepoConfig, RetentionConfig};
 use crate::hub::Hub;
 use crate::store::{Rejection, Store, SyncOutcome};
 
+/// Failed syncs in a row after which a repo counts as stuck rather than unlucky: one failure is
+/// often a blip (a forge restarting), three with backoff span about 6 s of retries.
+pub const STUCK_AFTER: u32 = 3;
+
 /// What the API shows about a repo's syncing.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RepoStatus {
@@ -33,6 +37,9 @@ pub struct RepoStatus {
     pub syncs: u64,
     pub last_sync_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// Syncs in a row that failed (0 after a success): a repo stuck on one error shows in
+    /// `/readyz` once this reaches [`STUCK_AFTER`].
+    pub consecutive_failures: u32,
     pub syncing: bool,
     /// When the next scheduled fetch (poll, or retry after an error) happens, if any.
     pub next_poll_ms: Option<i64>,
@@ -151,6 +158,7 @@ impl Job {
                 s.syncs += 1;
                 s.last_sync_ms = Some(crate::store::now_ms());
                 s.last_error = result.as_ref().err().cloned();
+                s.consecutive_failures = failures;
             });
             if let Err(e) = result {
                 tracing::error!(repo = %self.repo.name, error = %e, "sync failed");

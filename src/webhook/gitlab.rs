@@ -2,6 +2,10 @@
 //! token of newer GitLab versions, which follows Standard Webhooks: `webhook-signature: v1,<base64>`
 //! is HMAC-SHA256, keyed with the base64-decoded part of the `whsec_` secret, over
 //! `{webhook-id}.{webhook-timestamp}.{body}`, and the timestamp must be recent (replays).
+//!
+//! The secret token is the secret itself, sent in clear: it is accepted only when the repo names
+//! GitLab as its forge. Under `auto` the same secrets are HMAC keys for the other forges, and a
+//! key must never also work as a password anyone who sees one request can replay.
 
 use axum::http::HeaderMap;
 use base64::Engine as _;
@@ -11,15 +15,27 @@ use subtle::ConstantTimeEq;
 use super::{header, Intake, RefUpdate, WebhookError, ZERO_SHA};
 use crate::config::{HmacAlgorithm, Secret};
 
+/// Verifies a GitLab request; the plain-text `X-Gitlab-Token` counts only with `accept_token`
+/// (`provider = "gitlab"`).
 pub fn verify(
     headers: &HeaderMap,
     body: &[u8],
     secrets: &[Secret],
     now: i64,
     tolerance_secs: u64,
+    accept_token: bool,
 ) -> Result<(), WebhookError> {
     if let Some(signatures) = header(headers, "webhook-signature") {
         return verify_standard(headers, signatures, body, secrets, now, tolerance_secs);
+    }
+    if !accept_token {
+        return Err(if headers.contains_key("x-gitlab-token") {
+            WebhookError::PlaintextToken
+        } else {
+            WebhookError::MissingSignature(
+                "webhook-signature header is missing (a GitLab secret token needs repos[..].webhook.provider = \"gitlab\")".into(),
+            )
+        });
     }
     let given = headers.get("x-gitlab-token").ok_or_else(|| {
         WebhookError::MissingSignature(
@@ -145,8 +161,26 @@ mod tests {
             ("s3cretx", false),
         ] {
             let h = headers(&[("x-gitlab-token", token)]);
-            assert_eq!(verify(&h, b"{}", &secrets, 0, 300).is_ok(), ok, "{token}");
+            assert_eq!(
+                verify(&h, b"{}", &secrets, 0, 300, true).is_ok(),
+                ok,
+                "{token}"
+            );
         }
+    }
+
+    #[test]
+    fn without_accept_token_the_plain_token_is_refused_even_when_right() {
+        let secrets = [Secret::new("s3cret")];
+        let h = headers(&[("x-gitlab-token", "s3cret")]);
+        assert_eq!(
+            verify(&h, b"{}", &secrets, 0, 300, false),
+            Err(WebhookError::PlaintextToken)
+        );
+        assert!(matches!(
+            verify(&headers(&[]), b"{}", &secrets, 0, 300, false),
+            Err(WebhookError::MissingSignature(_))
+        ));
     }
 
     #[test]
@@ -161,23 +195,30 @@ mod tests {
                 "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
             ),
         ]);
-        assert_eq!(verify(&h, body, &secrets, 1614265330, 300), Ok(()));
+        assert_eq!(verify(&h, body, &secrets, 1614265330, 300, false), Ok(()));
         assert_eq!(
-            verify(&h, br#"{"test": 2432232315}"#, &secrets, 1614265330, 300),
+            verify(
+                &h,
+                br#"{"test": 2432232315}"#,
+                &secrets,
+                1614265330,
+                300,
+                false
+            ),
             Err(WebhookError::BadSignature)
         );
         assert_eq!(
-            verify(&h, body, &secrets, 1614265330 + 301, 300),
+            verify(&h, body, &secrets, 1614265330 + 301, 300, false),
             Err(WebhookError::Stale),
             "replayed too late"
         );
         assert_eq!(
-            verify(&h, body, &secrets, 1614265330 - 301, 300),
+            verify(&h, body, &secrets, 1614265330 - 301, 300, false),
             Err(WebhookError::Stale)
         );
         let other = [Secret::new("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")];
         assert_eq!(
-            verify(&h, body, &other, 1614265330, 300),
+            verify(&h, body, &other, 1614265330, 300, false),
             Err(WebhookError::BadSignature)
         );
         // several signatures in one header: any valid one counts
@@ -189,7 +230,7 @@ mod tests {
                 "v1,AAAA v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
             ),
         ]);
-        assert_eq!(verify(&h, body, &secrets, 1614265330, 300), Ok(()));
+        assert_eq!(verify(&h, body, &secrets, 1614265330, 300, false), Ok(()));
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub enum WebhookError {
     Stale,
     #[error("no webhook secret is configured for this repo")]
     NoSecret,
+    #[error("X-Gitlab-Token is a plain-text secret token and repos[..].webhook.provider is \"auto\": set it to \"gitlab\" to accept GitLab secret tokens (or use a GitLab signing token)")]
+    PlaintextToken,
     #[error("malformed payload: {0}")]
     Malformed(String),
 }
@@ -191,6 +193,7 @@ pub fn receive(
                 secrets,
                 now,
                 config.timestamp_tolerance_secs.unwrap_or(300),
+                config.provider == Provider::Gitlab,
             )?;
             let id = header(headers, "idempotency-key")
                 .or_else(|| header(headers, "x-gitlab-event-uuid"))
@@ -323,6 +326,17 @@ pub async fn handle(
             AppError::Unauthorized(other.to_string())
         }
     })?;
+    // The id header is outside most forges' signatures: a captured delivery replayed with huge
+    // ids would otherwise grow the store by every byte of them. Refused before it is stored or
+    // logged.
+    let max_id = app.config.limits.max_delivery_id_bytes;
+    if let Some(id) = delivery.id.as_deref().filter(|id| id.len() > max_id) {
+        tracing::warn!(repo = %repo, provider = delivery.provider, bytes = id.len(), "webhook refused: delivery id too long");
+        return Err(AppError::BadRequest(format!(
+            "delivery id is {} bytes, longer than the limit of {max_id} (limits.max_delivery_id_bytes)",
+            id.len()
+        )));
+    }
     let span = tracing::info_span!("webhook", repo = %repo, provider = delivery.provider, delivery = delivery.id.as_deref().unwrap_or("-"));
     if let Intake::Push(Some(refs)) = &delivery.intake {
         let forge_repo = refs
@@ -484,6 +498,22 @@ mod tests {
             receive(&h, body, &WebhookConfig::default(), &secrets, 0).expect_err("retired"),
             WebhookError::BadSignature
         );
+    }
+
+    #[test]
+    fn auto_refuses_a_plain_gitlab_token_that_a_named_gitlab_accepts() {
+        let body = br#"{"ref":"refs/heads/main","after":"abc"}"#;
+        let h = headers(&[("x-gitlab-event", "Push Hook"), ("x-gitlab-token", "s")]);
+        let secrets = [Secret::new("s")];
+        let refused = receive(&h, body, &WebhookConfig::default(), &secrets, 0)
+            .expect_err("auto never compares a secret in plain text");
+        assert_eq!(refused, WebhookError::PlaintextToken);
+        assert!(refused.to_string().contains("repos[..].webhook.provider"));
+        let gitlab = WebhookConfig {
+            provider: Provider::Gitlab,
+            ..Default::default()
+        };
+        assert!(receive(&h, body, &gitlab, &secrets, 0).is_ok());
     }
 
     #[test]
