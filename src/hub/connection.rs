@@ -39,8 +39,9 @@ pub async fn upgrade(
     Ok(ws
         .max_message_size(limits.max_client_message_bytes)
         .max_frame_size(limits.max_client_message_bytes)
-        // A peer that does not read (or floods pings whose pongs it never reads) fills this and
-        // is dropped: one frame being written plus `ws_write_buffer_bytes` queued, never more.
+        // A peer that does not read fills this and is dropped: one frame being written plus
+        // `ws_write_buffer_bytes` queued, never more. Pongs are flushed as they are queued (see
+        // `on_message`), so a ping flood cannot fill it.
         .max_write_buffer_size(max_frame.saturating_add(limits.ws_write_buffer_bytes))
         .on_upgrade(move |socket| async move {
             let tracker = app.tracker.clone();
@@ -230,6 +231,19 @@ impl Connection {
         }
     }
 
+    /// Sends what is queued (pongs), with the same deadline as `write`.
+    async fn flush(&mut self) -> Result<(), End> {
+        use futures_util::SinkExt;
+        match tokio::time::timeout(write_timeout(&self.app), self.socket.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::ClientGone),
+            Err(_) => {
+                tracing::warn!(instance = ?self.identity.as_ref().map(|i| &i.instance), "peer sends pings but does not read; dropped");
+                Err(End::ClientGone)
+            }
+        }
+    }
+
     async fn error(&mut self, code: &str, message: impl Into<String>) -> Option<End> {
         let message = message.into();
         tracing::debug!(code, %message, "error frame");
@@ -253,7 +267,12 @@ impl Connection {
                     .await
             }
             Message::Close(_) => return Some(End::ClientGone),
-            Message::Ping(_) | Message::Pong(_) => return None,
+            // tungstenite queues the pong without waiting for the peer to take it, and a full
+            // write buffer only holds the next one back: without this flush, a peer that sends
+            // pings and never reads grows the queue to the bound of the largest frame (64 MiB
+            // by default) while every other write of ours waits.
+            Message::Ping(_) => return self.flush().await.err(),
+            Message::Pong(_) => return None,
         };
         let parsed: ClientMessage = match serde_json::from_str(&text) {
             Ok(m) => m,
