@@ -435,22 +435,12 @@ impl ServerProcess {
         server_extra: &str,
         top_extra: &str,
     ) -> ServerProcess {
-        Self::start_url(dir, &repo.url(), server_extra, top_extra).await
-    }
-
-    /// Like `start`, serving whatever `repo_url` names (which need not be reachable).
-    pub async fn start_url(
-        dir: &Path,
-        repo_url: &str,
-        server_extra: &str,
-        top_extra: &str,
-    ) -> ServerProcess {
         let port = free_port();
         let config = dir.join("confcast.toml");
         let toml = format!(
             "{top_extra}\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server_extra}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
             dir.join("data").display(),
-            repo_url
+            repo.url()
         );
         std::fs::write(&config, toml).expect("write config");
         let mut p = ServerProcess {
@@ -501,29 +491,6 @@ impl ServerProcess {
         }
     }
 
-    /// Everything the process logged so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until a line of the log contains every one of `words`; returns that line.
-    pub async fn wait_log(&self, words: &[&str]) -> String {
-        let found = tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some(line) = self
-                    .log()
-                    .lines()
-                    .find(|l| words.iter().all(|w| l.contains(w)))
-                {
-                    return line.to_string();
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        found.unwrap_or_else(|_| panic!("no log line with {words:?}; log:\n{}", self.log()))
-    }
-
     /// SIGKILL: no graceful shutdown, no close frames.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -538,6 +505,31 @@ impl ServerProcess {
 
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// Resident memory now (`VmRSS` in `/proc/<pid>/status`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the process ever had (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
     }
 
     pub async fn github_push(&self, after: &str) -> u16 {
