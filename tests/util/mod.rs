@@ -435,12 +435,22 @@ impl ServerProcess {
         server_extra: &str,
         top_extra: &str,
     ) -> ServerProcess {
+        Self::start_url(dir, &repo.url(), server_extra, top_extra).await
+    }
+
+    /// Like `start`, serving whatever `repo_url` names (which need not be reachable).
+    pub async fn start_url(
+        dir: &Path,
+        repo_url: &str,
+        server_extra: &str,
+        top_extra: &str,
+    ) -> ServerProcess {
         let port = free_port();
         let config = dir.join("confcast.toml");
         let toml = format!(
             "{top_extra}\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server_extra}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
             dir.join("data").display(),
-            repo.url()
+            repo_url
         );
         std::fs::write(&config, toml).expect("write config");
         let mut p = ServerProcess {
@@ -489,6 +499,29 @@ impl ServerProcess {
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             );
         }
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until a line of the log contains every one of `words`; returns that line.
+    pub async fn wait_log(&self, words: &[&str]) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(line) = self
+                    .log()
+                    .lines()
+                    .find(|l| words.iter().all(|w| l.contains(w)))
+                {
+                    return line.to_string();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no log line with {words:?}; log:\n{}", self.log()))
     }
 
     /// SIGKILL: no graceful shutdown, no close frames.
