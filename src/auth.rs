@@ -289,14 +289,20 @@ fn jwt_verifier(config: &JwtConfig) -> Result<JwtVerifier, ConfigError> {
     let mut validation = Validation::new(algorithm);
     validation.leeway = config.leeway_secs;
     validation.validate_nbf = true;
-    validation.set_required_spec_claims(&["exp", "sub"]);
+    // A configured issuer or audience must also be present: a token without the claim is refused.
+    let mut required = vec!["exp", "sub"];
     match &config.audience {
-        Some(aud) => validation.set_audience(&[aud]),
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
         None => validation.validate_aud = false,
     }
     if let Some(iss) = &config.issuer {
         validation.set_issuer(&[iss]);
+        required.push("iss");
     }
+    validation.set_required_spec_claims(&required);
     Ok(JwtVerifier {
         key,
         validation,

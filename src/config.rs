@@ -609,6 +609,22 @@ impl Config {
             warn_weak_secret("server.client_token", &source, token, file.as_deref());
         }
         self.resolve_auth_config(base, lookup)?;
+        if let Some(tls) = &mut self.server.tls {
+            // Relative to the config file, like every other file key; checked here so
+            // check-config reports a missing file, not only serve.
+            for (key, path) in [
+                ("server.tls.cert_file", &mut tls.cert_file),
+                ("server.tls.key_file", &mut tls.key_file),
+            ] {
+                *path = base.join(&*path);
+                if !path.is_file() {
+                    return Err(ConfigError::key(
+                        key,
+                        format!("{} is not a readable file", path.display()),
+                    ));
+                }
+            }
+        }
         if let Some(url) = &self.store.url {
             if !(url.starts_with("sqlite:")
                 || url.starts_with("postgres://")

@@ -134,6 +134,12 @@ mod server {
         }
         let expiry = Duration::from_secs(config.limits.instance_expiry_secs);
         store::upkeep::start(&tracker, &store, expiry, &token);
+        store::witness::check_at_start(store.as_ref(), &data_dir).await?;
+        tracker.spawn(store::witness::keep(
+            store.clone(),
+            data_dir.clone(),
+            token.clone(),
+        ));
         let syncers = Syncers::start(&config, store.clone(), hub.clone(), &tracker, token.clone());
         let port = addr.port();
         // The replica's name: the host's (the environment may not say: systemd sets no HOSTNAME).

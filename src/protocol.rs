@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Protocol revision announced in `welcome`; bumped on an incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// WebSocket close codes confcast uses (4000-4999 is the application range).
 pub mod close {
@@ -24,6 +24,9 @@ pub mod close {
     pub const REPLACED: u16 = 4010;
     /// No `hello` arrived within the server's hello timeout after the upgrade.
     pub const HELLO_TIMEOUT: u16 = 4011;
+    /// The log started a new epoch (it lost its head: restored from an older backup); reconnect,
+    /// and start over from the new epoch named in `welcome`.
+    pub const EPOCH_CHANGED: u16 = 4012;
 }
 
 /// Error codes carried in `error` frames. The connection stays open after each of them.
@@ -53,11 +56,19 @@ pub enum ClientMessage {
         app: Option<String>,
         #[serde(default)]
         labels: BTreeMap<String, String>,
+        /// Ask for a `heartbeat` message every `heartbeat_secs`, for clients whose WebSocket API
+        /// does not show pings.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        heartbeat: bool,
     },
     Subscribe {
         topics: Vec<String>,
         #[serde(default)]
         since: Option<u64>,
+        /// The log epoch `since` was read in (from `subscribed`); another epoch's position is
+        /// answered with snapshots.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
     },
     Ack {
         topic: String,
@@ -104,6 +115,9 @@ pub enum ServerMessage {
         /// The largest frame this server may send (from its `[limits]`); 0 from older servers.
         #[serde(default)]
         max_frame_bytes: u64,
+        /// The log epoch in force when the connection was accepted.
+        #[serde(default)]
+        epoch: String,
     },
     Snapshot(Snapshot),
     /// Sent after the snapshots or the replay of one `subscribe`: from here on the stream is live.
@@ -116,7 +130,12 @@ pub enum ServerMessage {
         /// Why a snapshot was sent although `since` was given (log trimmed, ...).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// The log epoch `seq` belongs to: keep it with the position and send both back.
+        #[serde(default)]
+        epoch: String,
     },
+    /// Sent every `heartbeat_secs` to a client that asked for it in `hello`.
+    Heartbeat,
     Change(Change),
     Command {
         seq: u64,
@@ -359,7 +378,19 @@ mod tests {
             ClientMessage::Hello {
                 instance: "web-1".into(),
                 app: Some("web".into()),
-                labels: [("zone".to_string(), "a".to_string())].into()
+                labels: [("zone".to_string(), "a".to_string())].into(),
+                heartbeat: false,
+            }
+        );
+        let resume: ClientMessage =
+            serde_json::from_str(r#"{"type":"subscribe","topics":["a"],"since":7,"epoch":"e1"}"#)
+                .expect("subscribe parses");
+        assert_eq!(
+            resume,
+            ClientMessage::Subscribe {
+                topics: vec!["a".into()],
+                since: Some(7),
+                epoch: Some("e1".into()),
             }
         );
         assert!(serde_json::from_str::<ClientMessage>(

@@ -316,6 +316,16 @@ async fn jwts_are_checked_for_key_expiry_and_scope() {
         hs,
     );
     assert_eq!(ws(&server, Some(&wrong_issuer)).await.err(), Some(401));
+    let no_issuer = jwt(
+        json!({"sub": "web-1", "topics": ["payments"], "exp": now() + 600}),
+        &key,
+        hs,
+    );
+    assert_eq!(
+        ws(&server, Some(&no_issuer)).await.err(),
+        Some(401),
+        "iss is required when configured"
+    );
     let no_topics = jwt(
         json!({"sub": "web-1", "exp": now() + 600, "iss": "orchestrator"}),
         &key,

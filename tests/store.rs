@@ -475,6 +475,26 @@ mod contract {
         assert!(store.acks_of("web-9").await.expect("acks_of").is_empty());
     }
 
+    /// The epoch is made with the store, kept across reopenings, and replaced by exactly one
+    /// rotation however many callers saw the same old epoch.
+    pub async fn the_log_epoch_rotates_once_from_a_given_epoch(store: Arc<dyn Store>) {
+        let first = store.epoch().await.expect("epoch");
+        assert_eq!(first.len(), 32);
+        assert!(first.chars().all(|c| c.is_ascii_hexdigit()), "{first}");
+        assert_eq!(store.epoch().await.expect("epoch"), first, "stable");
+        let second = store.rotate_epoch(&first).await.expect("rotate");
+        assert_ne!(second, first);
+        // A second replica that noticed the same restore finds the rotation done.
+        assert_eq!(store.rotate_epoch(&first).await.expect("rotate"), second);
+        assert_eq!(store.epoch().await.expect("epoch"), second);
+        // Positions are untouched: the log goes on numbering where it was.
+        store
+            .publish(&outcome("cfg", "c1", vec![("t", vec![added("x", b"1")])]))
+            .await
+            .expect("publish");
+        assert_eq!(store.head_seq().await.expect("head"), 1);
+    }
+
     pub async fn remember_delivery_detects_a_redelivery(store: Arc<dyn Store>) {
         let seen = |repo: &'static str, provider: &'static str, id: &'static str| {
             let store = store.clone();
@@ -915,6 +935,7 @@ on_every_store!(
     snapshots_of_many_topics_carry_each_topics_files,
     acks_are_checked_against_the_topic_version,
     remember_delivery_detects_a_redelivery,
+    the_log_epoch_rotates_once_from_a_given_epoch,
     trim_keeps_the_most_recent_events_and_all_topic_state,
     rejections_are_written_and_cleared_by_publish,
     instances_follow_their_newest_connection_and_reset_node,
@@ -1029,7 +1050,13 @@ mod replicas {
             .fetch_one(&mut db.connect().await)
             .await
             .expect("schema row");
-        assert_eq!(applied, 3);
+        assert_eq!(applied, confcast::store::sql::MIGRATIONS.len() as i64);
+        // One log, one epoch: every replica names the same one.
+        let epoch = stores[0].epoch().await.expect("epoch");
+        assert_eq!(epoch.len(), 32, "{epoch}");
+        for s in &stores {
+            assert_eq!(s.epoch().await.expect("epoch"), epoch);
+        }
         stores[0]
             .publish(&outcome("cfg", "c1", vec![("t", vec![added("x", b"1")])]))
             .await

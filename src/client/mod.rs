@@ -66,6 +66,10 @@ pub struct Session {
     versions: HashMap<String, u64>,
     /// The server's ping interval, from its welcome.
     heartbeat: Duration,
+    /// The log epoch `cursor` and `versions` belong to.
+    epoch: Option<String>,
+    /// The log epoch the server named in its welcome.
+    server_epoch: String,
 }
 
 impl Session {
@@ -117,17 +121,25 @@ impl Session {
             cursor: None,
             versions: HashMap::new(),
             heartbeat: Duration::from_secs(15),
+            epoch: None,
+            server_epoch: String::new(),
         };
         session
             .send(&ClientMessage::Hello {
                 instance: identity.instance.clone(),
                 app: identity.app.clone(),
                 labels: identity.labels.clone(),
+                heartbeat: false,
             })
             .await?;
         match session.recv_raw().await? {
-            ServerMessage::Welcome { heartbeat_secs, .. } => {
+            ServerMessage::Welcome {
+                heartbeat_secs,
+                epoch,
+                ..
+            } => {
                 session.heartbeat = Duration::from_secs(heartbeat_secs.max(1));
+                session.server_epoch = epoch;
                 Ok(session)
             }
             ServerMessage::Error { code, message } => Err(ClientError::Refused { code, message }),
@@ -137,24 +149,61 @@ impl Session {
         }
     }
 
-    /// Subscribes to topic patterns; `since` resumes after a log position already applied.
-    /// The server answers with snapshots or a replay, then `subscribed`.
+    /// Subscribes to topic patterns; `since` resumes after a log position already applied, in
+    /// the epoch this session's position belongs to (see [`Session::seed`]). The server answers
+    /// with snapshots or a replay, then `subscribed`.
     pub async fn subscribe(
         &mut self,
         topics: &[String],
         since: Option<u64>,
     ) -> Result<(), ClientError> {
+        let epoch = self.epoch.clone();
+        self.subscribe_from(topics, since, epoch).await
+    }
+
+    /// Subscribes resuming after `since` of log epoch `epoch` (both as kept by the caller).
+    pub async fn subscribe_from(
+        &mut self,
+        topics: &[String],
+        since: Option<u64>,
+        epoch: Option<String>,
+    ) -> Result<(), ClientError> {
         self.send(&ClientMessage::Subscribe {
             topics: topics.to_vec(),
             since,
+            epoch: since.and(epoch),
         })
         .await
     }
 
     /// Seeds what was already applied (from a state directory) so replays of it are dropped.
-    pub fn seed(&mut self, cursor: Option<u64>, versions: HashMap<String, u64>) {
+    /// `epoch` is the log epoch they were read in: when the server's log is in another one, the
+    /// seed is dropped (the server answers a resume from another epoch with snapshots anyway).
+    pub fn seed(
+        &mut self,
+        epoch: Option<String>,
+        cursor: Option<u64>,
+        versions: HashMap<String, u64>,
+    ) {
+        if epoch.as_deref().is_some_and(|e| e != self.server_epoch) {
+            self.cursor = None;
+            self.versions.clear();
+            self.epoch = None;
+            return;
+        }
+        self.epoch = epoch;
         self.cursor = cursor;
         self.versions = versions;
+    }
+
+    /// The log epoch the server named in its welcome.
+    pub fn server_epoch(&self) -> &str {
+        &self.server_epoch
+    }
+
+    /// The log epoch this session's position belongs to (set by each `subscribed`).
+    pub fn epoch(&self) -> Option<&str> {
+        self.epoch.as_deref()
     }
 
     pub fn cursor(&self) -> Option<u64> {
@@ -188,8 +237,12 @@ impl Session {
                 ServerMessage::Snapshot(s) => {
                     self.versions.insert(s.topic.clone(), s.version);
                 }
-                ServerMessage::Subscribed { seq, .. } => {
-                    self.cursor = Some(self.cursor.map_or(*seq, |s| s.max(*seq)));
+                ServerMessage::Subscribed { seq, epoch, .. } => {
+                    // Set, not raised: after a restore the log's head can be below what we saw.
+                    self.cursor = Some(*seq);
+                    if self.epoch.as_deref() != Some(epoch.as_str()) {
+                        self.epoch = Some(epoch.clone());
+                    }
                 }
                 ServerMessage::Command { seq, .. } => {
                     self.cursor = Some(self.cursor.map_or(*seq, |s| s.max(*seq)));

@@ -144,6 +144,9 @@ impl Client {
         status: AckStatus,
         error: Option<String>,
     ) -> Result<(), StateError> {
+        // The server keeps 4 KiB of it and refuses messages over 64 KiB: a longer text would be
+        // refused again after every reconnect, with the verdict re-sent each time.
+        let error = error.map(|e| cut(&e, MAX_ACK_ERROR_BYTES));
         if let Ok(mut state) = self.state.lock() {
             state.acknowledge(
                 topic,
@@ -226,6 +229,18 @@ async fn run(
             .is_err()
         {
             return;
+        }
+        // A state from another log epoch starts over: no position, no versions, no old verdicts.
+        let restarted = match state.lock() {
+            Ok(mut st) => st.adopt_epoch(session.server_epoch()).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not persist the new log epoch");
+                true
+            }),
+            Err(_) => return,
+        };
+        if restarted {
+            unsent.clear();
+            fresh = true;
         }
         let since = if fresh {
             None
@@ -318,7 +333,11 @@ async fn serve(
             return Ended::Lost(e.to_string());
         }
     }
-    if let Err(e) = session.subscribe(&options.topics, since).await {
+    let epoch = state
+        .lock()
+        .ok()
+        .and_then(|s| s.epoch().map(str::to_string));
+    if let Err(e) = session.subscribe_from(&options.topics, since, epoch).await {
         return Ended::Lost(e.to_string());
     }
     // Three missed pings and the server is presumed gone.
@@ -361,7 +380,7 @@ async fn serve(
                             }
                         },
                         ServerMessage::Subscribed { seq, .. } => {
-                            if let Err(e) = st.covered(seq) {
+                            if let Err(e) = st.subscribed(seq) {
                                 tracing::warn!(error = %e, "could not persist the resume position");
                             }
                             None
@@ -387,4 +406,16 @@ async fn serve(
             }
         }
     }
+}
+
+/// The longest ack error text sent (the server's default `limits.max_ack_error_bytes`).
+const MAX_ACK_ERROR_BYTES: usize = 4096;
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }

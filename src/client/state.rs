@@ -53,6 +53,9 @@ struct StoredTopic {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Stored {
+    /// The log epoch `cursor` and the topics' versions belong to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    epoch: Option<String>,
     cursor: Option<u64>,
     topics: BTreeMap<String, StoredTopic>,
 }
@@ -130,6 +133,38 @@ impl LocalState {
         })
     }
 
+    /// The log epoch the resume position and versions belong to, if known.
+    pub fn epoch(&self) -> Option<&str> {
+        self.stored.epoch.as_deref()
+    }
+
+    /// Takes the server's log epoch (from `welcome`). When the state belongs to another epoch, the
+    /// log it was read from is gone (wiped, restored, reset): the position, the versions and the
+    /// unsent verdicts are dropped so that the snapshots that follow are all delivered, and `true`
+    /// is returned. The last good files stay, for a restart while the server is away.
+    pub fn adopt_epoch(&mut self, epoch: &str) -> Result<bool, StateError> {
+        if epoch.is_empty() || self.stored.epoch.as_deref() == Some(epoch) {
+            return Ok(false);
+        }
+        let changed = self.stored.epoch.is_some();
+        if changed {
+            tracing::warn!(old = ?self.stored.epoch, new = %epoch, "the server's log started a new epoch; starting over from its snapshots");
+            self.stored.cursor = None;
+            self.received = None;
+            self.pending.clear();
+            for topic in self.stored.topics.values_mut() {
+                topic.version = 0;
+                topic.latest.clear();
+                topic.handled = 0;
+                topic.handled_applied = false;
+                topic.handled_error = None;
+            }
+        }
+        self.stored.epoch = Some(epoch.to_string());
+        self.persist()?;
+        Ok(changed)
+    }
+
     /// Where to resume: everything up to here was acknowledged.
     pub fn cursor(&self) -> Option<u64> {
         match self.pending.values().min() {
@@ -186,6 +221,14 @@ impl LocalState {
         self.persist()
     }
 
+    /// A `subscribed` marker: the log is covered exactly up to `seq` once the frames before it
+    /// are applied. Set, not raised: after a server restore the position can go down.
+    pub fn subscribed(&mut self, seq: u64) -> Result<(), StateError> {
+        self.received = Some(seq);
+        self.stored.cursor = self.cursor();
+        self.persist()
+    }
+
     pub fn take_snapshot(&mut self, s: &Snapshot) -> Taken {
         let topic = self.stored.topics.entry(s.topic.clone()).or_default();
         if s.version <= topic.handled && s.version == topic.version {
@@ -218,11 +261,6 @@ impl LocalState {
         let key = (c.topic.clone(), c.version);
         let in_flight = self.pending.contains_key(&key);
         let topic = self.stored.topics.entry(c.topic.clone()).or_default();
-        if c.previous_version == 0 && topic.version > 0 {
-            // A topic "created" again: the server's data was reset. Start this topic over.
-            tracing::warn!(topic = %c.topic, have = topic.version, "topic restarted at version 1 on the server; resetting");
-            *topic = Default::default();
-        }
         if c.version <= topic.handled
             || c.version < topic.version
             || (c.version == topic.version && in_flight)

@@ -78,6 +78,8 @@ struct Connection {
     filters: Vec<(String, u64)>,
     live: Option<broadcast::Receiver<Arc<Frame>>>,
     last_heard: Instant,
+    /// The client asked for `heartbeat` messages in its `hello`.
+    heartbeat_wanted: bool,
 }
 
 impl Connection {
@@ -90,6 +92,7 @@ impl Connection {
             filters: Vec::new(),
             live: None,
             last_heard: Instant::now(),
+            heartbeat_wanted: false,
         }
     }
 
@@ -177,6 +180,11 @@ impl Connection {
                     }
                     if let Err(end) = self.write(Message::Ping(bytes::Bytes::from_static(b"confcast"))).await {
                         return end;
+                    }
+                    if self.heartbeat_wanted && self.identity.is_some() {
+                        if let Err(end) = self.send(&ServerMessage::Heartbeat).await {
+                            return end;
+                        }
                     }
                 }
             }
@@ -287,12 +295,20 @@ impl Connection {
                 instance,
                 app,
                 labels,
-            } => self.on_hello(instance, app, labels).await,
+                heartbeat,
+            } => {
+                self.heartbeat_wanted = heartbeat;
+                self.on_hello(instance, app, labels).await
+            }
             _ if self.identity.is_none() => {
                 self.error(error_code::OUT_OF_ORDER, "send hello first")
                     .await
             }
-            ClientMessage::Subscribe { topics, since } => self.on_subscribe(topics, since).await,
+            ClientMessage::Subscribe {
+                topics,
+                since,
+                epoch,
+            } => self.on_subscribe(topics, since, epoch).await,
             ClientMessage::Ack {
                 topic,
                 version,
@@ -374,11 +390,25 @@ impl Connection {
             instance,
             heartbeat_secs: self.app.config.server.heartbeat().as_secs(),
             max_frame_bytes: self.app.config.limits.max_frame_bytes(),
+            epoch: match self.app.store.epoch().await {
+                Ok(epoch) => epoch,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the log epoch");
+                    return self
+                        .error(error_code::INTERNAL, "could not read the log; reconnect")
+                        .await;
+                }
+            },
         };
         self.send(&welcome).await.err()
     }
 
-    async fn on_subscribe(&mut self, topics: Vec<String>, since: Option<u64>) -> Option<End> {
+    async fn on_subscribe(
+        &mut self,
+        topics: Vec<String>,
+        since: Option<u64>,
+        epoch: Option<String>,
+    ) -> Option<End> {
         if topics.is_empty() {
             return self
                 .error(
@@ -428,9 +458,18 @@ impl Connection {
             self.live = Some(self.app.hub.subscribe());
         }
         let matches = |topic: &str| topics.iter().any(|p| protocol::topic_matches(p, topic));
-        let result = match since {
-            Some(since) => self.replay(&topics, since, &matches).await,
-            None => self.snapshot(&topics, &matches, None).await,
+        let result = match self.app.store.epoch().await {
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the log epoch");
+                Err(None)
+            }
+            Ok(current) => match since {
+                Some(since) => {
+                    self.replay(&topics, since, epoch.as_deref(), current, &matches)
+                        .await
+                }
+                None => self.snapshot(&topics, &matches, None, &current).await,
+            },
         };
         let upto = match result {
             Ok(upto) => upto,
@@ -445,7 +484,11 @@ impl Connection {
             }
         };
         for t in &topics {
-            self.filters.push((t.clone(), upto));
+            // A pattern subscribed again moves its position; it is never held twice.
+            match self.filters.iter_mut().find(|(p, _)| p == t) {
+                Some(held) => held.1 = upto,
+                None => self.filters.push((t.clone(), upto)),
+            }
         }
         let all: Vec<String> = self.filters.iter().map(|(p, _)| p.clone()).collect();
         if let Some(id) = &self.identity {
@@ -467,6 +510,7 @@ impl Connection {
         topics: &[String],
         matches: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
         reason: Option<String>,
+        epoch: &str,
     ) -> Result<u64, Option<End>> {
         let (head, snapshots) = self.app.store.snapshots(matches).await.map_err(|e| {
             tracing::error!(error = %e, "snapshot read failed");
@@ -480,6 +524,7 @@ impl Connection {
             seq: head,
             mode: "snapshot".into(),
             reason,
+            epoch: epoch.to_string(),
         };
         self.send(&done).await.map_err(Some)?;
         Ok(head)
@@ -491,6 +536,8 @@ impl Connection {
         &mut self,
         topics: &[String],
         since: u64,
+        epoch: Option<&str>,
+        current: String,
         matches: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
     ) -> Result<u64, Option<End>> {
         let store = self.app.store.clone();
@@ -498,11 +545,24 @@ impl Connection {
             tracing::error!(error = %e, "replay read failed");
             None
         };
+        if let Some(theirs) = epoch.filter(|e| *e != current) {
+            // A position from another log (wiped, restored, reset): it means nothing here.
+            let reason = format!("log epoch changed: since {since} is from epoch {theirs}, the log is now epoch {current}");
+            return self.snapshot(topics, matches, Some(reason), &current).await;
+        }
         let head = store.head_seq().await.map_err(fail)?;
         if since > head {
-            let reason =
-                format!("since {since} is ahead of the log head {head} (server data was reset?)");
-            return self.snapshot(topics, matches, Some(reason)).await;
+            // This instance saw positions the log no longer has: the log lost its head (restored
+            // from an older backup). Numbers from here on would repeat ones it saw with other
+            // content, so the log starts a new epoch, for every instance.
+            let rotated = store.rotate_epoch(&current).await.map_err(fail)?;
+            tracing::warn!(since, head, old = %current, new = %rotated, "an instance is ahead of the log (restored from an older backup?): new log epoch");
+            // The welcome of this connection named the old epoch: the client learns the new one
+            // from the welcome of its next connection, and starts over cleanly there.
+            return Err(Some(End::Close(
+                close::EPOCH_CHANGED,
+                "the log starts a new epoch: reconnect",
+            )));
         }
         let oldest = store.oldest_seq().await.map_err(fail)?;
         if since < head && oldest.is_none_or(|o| o > since + 1) {
@@ -510,7 +570,7 @@ impl Connection {
                 "since {since} is older than the log kept (oldest seq {})",
                 oldest.unwrap_or(0)
             );
-            return self.snapshot(topics, matches, Some(reason)).await;
+            return self.snapshot(topics, matches, Some(reason), &current).await;
         }
         // Topics this instance never acknowledged get their full state first: a `since` says
         // nothing about a topic the instance never had.
@@ -539,7 +599,7 @@ impl Connection {
             if first.seq != upto + 1 {
                 // Retention removed events while we were replaying.
                 let reason = format!("log trimmed during replay after seq {upto}");
-                return self.snapshot(topics, matches, Some(reason)).await;
+                return self.snapshot(topics, matches, Some(reason), &current).await;
             }
             for e in events {
                 upto = e.seq;
@@ -556,6 +616,7 @@ impl Connection {
             seq: upto,
             mode: "replay".into(),
             reason: None,
+            epoch: current,
         };
         self.send(&done).await.map_err(Some)?;
         Ok(upto)

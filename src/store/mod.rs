@@ -9,6 +9,7 @@ pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 pub mod upkeep;
+pub mod witness;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -192,6 +193,12 @@ pub trait Store: Send + Sync + 'static {
     async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<LoggedEvent>, StoreError>;
     /// The highest sequence number written (0 for an empty log).
     async fn head_seq(&self) -> Result<u64, StoreError>;
+    /// The log's epoch: created with the store and replaced whenever the log starts over, so a
+    /// position (`seq`) means something only together with the epoch it was read in.
+    async fn epoch(&self) -> Result<String, StoreError>;
+    /// Starts a new epoch if the log is still in `current` (so replicas noticing the same restore
+    /// together start one, not several); returns the epoch in force afterwards.
+    async fn rotate_epoch(&self, current: &str) -> Result<String, StoreError>;
     /// The lowest sequence number still kept, if the log is not empty.
     async fn oldest_seq(&self) -> Result<Option<u64>, StoreError>;
 
@@ -357,4 +364,11 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A fresh epoch id: 128 random bits as hex.
+pub fn new_epoch_id() -> String {
+    let a: u64 = rand::random();
+    let b: u64 = rand::random();
+    format!("{a:016x}{b:016x}")
 }

@@ -140,6 +140,8 @@ impl Backend for PgBackend {
         bool: "BOOLEAN",
         bytes: "BYTEA",
         serial: "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        // md5 of random material: 32 hex digits with no extension needed.
+        random_id: "md5(random()::text || clock_timestamp()::text)",
     };
 
     /// Applies the missing migrations in one transaction under a transaction-level advisory lock:

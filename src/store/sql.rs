@@ -43,8 +43,9 @@ const NAMES_PER_QUERY: usize = 500;
 const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The schema, in order, written once. Column types that differ are written as tokens each
-/// backend replaces ([`Backend::TYPES`]): `{int}` (a 64-bit integer), `{bool}`, `{bytes}` and
-/// `{serial}` (an auto-numbered 64-bit primary key). A database records how many steps it ran, so
+/// backend replaces ([`Backend::TYPES`]): `{int}` (a 64-bit integer), `{bool}`, `{bytes}`,
+/// `{serial}` (an auto-numbered 64-bit primary key) and `{random_id}` (an expression giving 32
+/// random hex digits). A database records how many steps it ran, so
 /// a step is never edited once released: a change to the schema is a new step at the end.
 pub const MIGRATIONS: &[&str] = &[
     r#"
@@ -80,6 +81,11 @@ CREATE TABLE rejections (
     author TEXT NOT NULL, path TEXT NOT NULL, line {int}, message TEXT NOT NULL, at {int} NOT NULL,
     PRIMARY KEY (repo, topic));
 "#,
+    // The log epoch (see `Store::epoch`); a database created or migrated here starts one.
+    r#"
+CREATE TABLE log_meta (id INTEGER PRIMARY KEY CHECK (id = 1), epoch TEXT NOT NULL);
+INSERT INTO log_meta (id, epoch) VALUES (1, {random_id});
+"#,
 ];
 
 /// The column types a backend writes for the tokens in [`MIGRATIONS`].
@@ -88,6 +94,7 @@ pub struct ColumnTypes {
     pub bool: &'static str,
     pub bytes: &'static str,
     pub serial: &'static str,
+    pub random_id: &'static str,
 }
 
 impl ColumnTypes {
@@ -97,6 +104,7 @@ impl ColumnTypes {
             .replace("{bool}", self.bool)
             .replace("{bytes}", self.bytes)
             .replace("{serial}", self.serial)
+            .replace("{random_id}", self.random_id)
     }
 }
 
@@ -418,6 +426,22 @@ where
             .fetch_one(&self.pool)
             .await?;
         u64_at(&row, "seq")
+    }
+
+    async fn epoch(&self) -> Result<String, StoreError> {
+        let row = sqlx::query("SELECT epoch FROM log_meta WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("epoch")?)
+    }
+
+    async fn rotate_epoch(&self, current: &str) -> Result<String, StoreError> {
+        sqlx::query("UPDATE log_meta SET epoch = $1 WHERE id = 1 AND epoch = $2")
+            .bind(super::new_epoch_id())
+            .bind(current)
+            .execute(&self.pool)
+            .await?;
+        self.epoch().await
     }
 
     async fn oldest_seq(&self) -> Result<Option<u64>, StoreError> {

@@ -172,6 +172,7 @@ impl Backend for SqliteBackend {
         bool: "INTEGER",
         bytes: "BLOB",
         serial: "INTEGER PRIMARY KEY AUTOINCREMENT",
+        random_id: "lower(hex(randomblob(16)))",
     };
 
     async fn migrate(&self, pool: &Pool<Sqlite>) -> Result<(), StoreError> {
