@@ -96,6 +96,9 @@ mod server {
         Tls(String),
     }
 
+    /// How long `serve` waits for the first sync of every repo before it answers anyone.
+    const FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);
+
     /// Runs confcast on an already bound `listener` until `shutdown` completes, then closes every
     /// WebSocket with "going away", flushes acks the instances already sent, and returns.
     pub async fn serve(
@@ -141,6 +144,14 @@ mod server {
             token.clone(),
         ));
         let syncers = Syncers::start(&config, store.clone(), hub.clone(), &tracker, token.clone());
+        // Git is the truth: bring the store up to the branches before the first instance is
+        // answered, so none is shown what the store held before (a restored backup, a long stop).
+        if !syncers.first_round(FIRST_SYNC_WAIT).await {
+            tracing::warn!(
+                waited_secs = FIRST_SYNC_WAIT.as_secs(),
+                "first sync of every repo not done in time; serving what the store has"
+            );
+        }
         let port = addr.port();
         // The replica's name: the host's (the environment may not say: systemd sets no HOSTNAME).
         let host = std::env::var("HOSTNAME")

@@ -30,6 +30,15 @@ enum Command {
         #[arg(long, default_value = "config/confcast.toml")]
         config: PathBuf,
     },
+    /// Print the store's log epoch; with --new, start a new one (every instance then starts over
+    /// from snapshots). For after restoring a backup by hand, or whenever the log must not be trusted.
+    Epoch {
+        #[arg(long, default_value = "config/confcast.toml")]
+        config: PathBuf,
+        /// Start a new epoch.
+        #[arg(long)]
+        new: bool,
+    },
     /// Materialize topics as files under a directory and run a reload command on each new version.
     Agent(Box<AgentArgs>),
     /// Measure: replay speed, fan-out latency. Prints figures.
@@ -265,6 +274,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(problem) = config.exposure_problem(config.server.listen) {
                 eprintln!("error: {problem}");
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Epoch { config: path, new } => {
+            let config = confcast::config::Config::load(&path)?;
+            let store = confcast::store::open(&config.store_url()).await?;
+            let epoch = store.epoch().await?;
+            if new {
+                let rotated = store.rotate_epoch(&epoch).await?;
+                tracing::warn!(old = %epoch, new = %rotated, "new log epoch started by hand");
+                println!("{rotated} (was {epoch}): instances start over from snapshots when they reconnect");
+            } else {
+                println!("{epoch}");
             }
             Ok(())
         }

@@ -66,6 +66,15 @@ async fn converged(server: &ServerProcess, version: u64) {
 
 /// Waits until `applied`'s last entry holds `content`.
 async fn ends_on(name: &str, applied: &Applied, content: &str) {
+    ends_on_or_log(name, applied, content, None).await
+}
+
+async fn ends_on_or_log(
+    name: &str,
+    applied: &Applied,
+    content: &str,
+    server: Option<&ServerProcess>,
+) {
     let ok = tokio::time::timeout(WAIT, async {
         loop {
             if applied
@@ -82,8 +91,9 @@ async fn ends_on(name: &str, applied: &Applied, content: &str) {
     .await;
     assert!(
         ok.is_ok(),
-        "{name} never applied {content:?}: {:?}",
-        applied.lock().expect("lock")
+        "{name} never applied {content:?}: {:?}\n{}",
+        applied.lock().expect("lock"),
+        server.map(|s| s.log()).unwrap_or_default()
     );
 }
 
@@ -201,6 +211,9 @@ async fn raw_session(url: &str, state: &Mutex<RawState>, log: &Applied) -> Optio
             continue;
         };
         let m: Value = serde_json::from_str(&text).ok()?;
+        if std::env::var("EPOCH_DEBUG").is_ok() {
+            eprintln!("raw <- {}", text.chars().take(200).collect::<String>());
+        }
         match m["type"].as_str()? {
             "welcome" => {
                 let epoch = m["epoch"].as_str()?.to_string();
@@ -235,6 +248,10 @@ async fn raw_session(url: &str, state: &Mutex<RawState>, log: &Applied) -> Optio
                     };
                     if newer {
                         st.version = version;
+                    }
+                    // PROTOCOL.md 8.4: a change applied in order moves the position to its seq.
+                    if m["type"] == "change" {
+                        st.position = m["seq"].as_u64().or(st.position);
                     }
                     newer
                 };
@@ -372,7 +389,7 @@ async fn instances_end_on_current_content_after_a_restore_and_a_wipe() {
     server.spawn().await;
     let current = port(5);
     ends_on("client", &client, &current).await;
-    ends_on("raw", &raw, &current).await;
+    ends_on_or_log("raw", &raw, &current, Some(&server)).await;
     // The restored log had v3; its first sync published today's content as v4.
     converged(&server, 4).await;
     only_current_after("client", &client.lock().expect("lock"), marks.0, &current);
@@ -549,4 +566,40 @@ async fn heartbeats_on_request_and_pongs_for_client_pings() {
             );
         }
     }
+}
+
+/// `confcast epoch --new`: the operator's explicit reset, seen by the next connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_can_start_a_new_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let mut server = ServerProcess::start(dir.path(), &repo, "", "").await;
+    server.kill();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_confcast"))
+            .args(["epoch", "--config"])
+            .arg(dir.path().join("confcast.toml"))
+            .args(extra)
+            .output()
+            .expect("run confcast epoch");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let before = run(&[]);
+    assert_eq!(before.len(), 32, "{before}");
+    let said = run(&["--new"]);
+    let after = run(&[]);
+    assert_ne!(after, before);
+    assert!(said.starts_with(&after) && said.contains(&before), "{said}");
+    server.spawn().await;
+    let session = confcast::client::Session::connect(
+        &server.ws_url(),
+        &confcast::client::Identity {
+            instance: "probe".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect");
+    assert_eq!(session.server_epoch(), after);
 }

@@ -103,6 +103,19 @@ impl Syncers {
         }
     }
 
+    /// Waits until every repo has finished its first sync (published or failed), at most
+    /// `deadline`. `serve` answers no instance before that: after a restore or a long stop the
+    /// store holds older content than git, and an instance must never be shown it in between.
+    pub async fn first_round(&self, deadline: Duration) -> bool {
+        let done = tokio::time::timeout(deadline, async {
+            while self.status().iter().any(|s| s.syncs == 0) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        done.is_ok()
+    }
+
     pub fn status(&self) -> Vec<RepoStatus> {
         let mut all: Vec<RepoStatus> = self
             .workers
