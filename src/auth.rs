@@ -80,6 +80,9 @@ pub struct InstanceGrant {
     pub credential: String,
     pub instances: IdPattern,
     pub topics: Vec<String>,
+    /// When the credential stops being valid (a JWT's `exp`, seconds since the epoch): the
+    /// connection it opened is closed then.
+    pub expires_at: Option<u64>,
 }
 
 impl InstanceGrant {
@@ -88,6 +91,7 @@ impl InstanceGrant {
             credential: "anonymous".into(),
             instances: IdPattern::new("*"),
             topics: vec!["*".into()],
+            expires_at: None,
         }
     }
 
@@ -168,6 +172,7 @@ impl Authenticator {
                         credential: format!("token:{}", t.name),
                         instances: IdPattern::new(t.instances.clone()),
                         topics: t.topics.clone(),
+                        expires_at: None,
                     },
                 })
             })
@@ -346,6 +351,11 @@ impl JwtVerifier {
             credential: format!("jwt:{sub}"),
             instances: IdPattern::new(sub),
             topics,
+            // Leeway included: the connection lives exactly as long as the token is accepted.
+            expires_at: claims
+                .get("exp")
+                .and_then(serde_json::Value::as_u64)
+                .map(|exp| exp.saturating_add(self.validation.leeway)),
         })
     }
 }
@@ -455,6 +465,7 @@ mod tests {
             credential: "t".into(),
             instances: IdPattern::new("*"),
             topics: vec!["payments".into(), "shared/*".into()],
+            expires_at: None,
         };
         assert!(g.may_subscribe("payments"));
         assert!(g.may_subscribe("shared/*"));

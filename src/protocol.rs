@@ -27,6 +27,9 @@ pub mod close {
     /// The log started a new epoch (it lost its head: restored from an older backup); reconnect,
     /// and start over from the new epoch named in `welcome`.
     pub const EPOCH_CHANGED: u16 = 4012;
+    /// The credential the connection was opened with expired (a JWT's `exp`): reconnect with a
+    /// fresh one.
+    pub const CREDENTIAL_EXPIRED: u16 = 4013;
 }
 
 /// Error codes carried in `error` frames. The connection stays open after each of them.

@@ -603,3 +603,46 @@ async fn an_operator_can_start_a_new_epoch() {
     .expect("connect");
     assert_eq!(session.server_epoch(), after);
 }
+
+/// A revision-1 client (no `epoch` with `since`) ahead of the head gets snapshots, as before, and
+/// starts no new epoch: it could not learn one and would start another on every reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_1_resume_ahead_of_the_head_gets_snapshots_and_keeps_the_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    for _ in 0..2 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url())
+            .await
+            .expect("connect");
+        let send = |v: Value| Message::Text(v.to_string().into());
+        ws.send(send(json!({"type": "hello", "instance": "old-1"})))
+            .await
+            .expect("hello");
+        ws.send(send(
+            json!({"type": "subscribe", "topics": ["payments"], "since": 999}),
+        ))
+        .await
+        .expect("subscribe");
+        let mut welcome_epoch = None;
+        loop {
+            let frame = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("in time")
+                .expect("open")
+                .expect("frame");
+            let Message::Text(t) = frame else { continue };
+            let m: Value = serde_json::from_str(&t).expect("json");
+            match m["type"].as_str() {
+                Some("welcome") => welcome_epoch = Some(m["epoch"].clone()),
+                Some("subscribed") => {
+                    assert_eq!(m["mode"], "snapshot", "{m}");
+                    assert_eq!(Some(m["epoch"].clone()), welcome_epoch, "no new epoch");
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -791,3 +791,43 @@ async fn the_agent_connects_over_wss_with_a_jwt() {
         std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
     );
 }
+
+/// A connection lives as long as its JWT: at `exp` (plus the configured leeway) it is closed with
+/// 4013, and the same token can no longer open one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_connection_ends_when_the_token_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let secret_file = dir.path().join("jwt.secret");
+    std::fs::write(&secret_file, JWT_SECRET).expect("write secret");
+    let top = format!(
+        "[auth.jwt]\nhs256_secret_file = \"{}\"\nleeway_secs = 0\n",
+        secret_file.display()
+    );
+    let server = start(dir.path(), &repo, "", &top).await;
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).expect("key");
+    let token = jwt(
+        json!({"sub": "web-1", "topics": ["*"], "exp": now() + 3}),
+        &key,
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let mut w = ws(&server, Some(&token)).await.expect("valid for now");
+    assert_eq!(hello(&mut w, "web-1").await["type"], "welcome");
+    let started = std::time::Instant::now();
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match w.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!(
+                    "ended without a close frame after {:?}: {other:?}",
+                    started.elapsed()
+                ),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(end, Some(4013));
+    assert_eq!(ws(&server, Some(&token)).await.err(), Some(401));
+}

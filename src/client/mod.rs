@@ -301,9 +301,19 @@ impl Session {
             });
         };
         match frame? {
-            Message::Text(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| ClientError::Protocol(format!("{e}: {text}"))),
+            Message::Text(text) => match serde_json::from_str(&text) {
+                Ok(message) => Ok(Some(message)),
+                // PROTOCOL.md: message types a client does not know are ignored (later revisions
+                // may add some); anything else that does not parse is a protocol error.
+                Err(e) if e.to_string().starts_with("unknown variant") => {
+                    tracing::debug!(frame = %text.chars().take(200).collect::<String>(), "unknown server message ignored");
+                    Ok(None)
+                }
+                Err(e) => Err(ClientError::Protocol(format!(
+                    "{e}: {}",
+                    text.chars().take(200).collect::<String>()
+                ))),
+            },
             Message::Close(frame) => {
                 let (code, reason) = frame.map_or((1005, String::new()), |f| {
                     (u16::from(f.code), f.reason.to_string())

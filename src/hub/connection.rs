@@ -134,6 +134,21 @@ impl Connection {
         let shutdown = self.app.shutdown.clone();
         let hello_by = tokio::time::Instant::now()
             + Duration::from_secs(self.app.config.limits.hello_timeout_secs.max(1));
+        let expires = self.grant.expires_at.is_some();
+        let expires_at = tokio::time::Instant::now()
+            + self
+                .grant
+                .expires_at
+                .map(|at| {
+                    // A token is refused once `exp` is in the past (exp < now, whole seconds):
+                    // from the start of the second after it.
+                    let refused_from =
+                        std::time::UNIX_EPOCH + Duration::from_secs(at.saturating_add(1));
+                    refused_from
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                })
+                .unwrap_or(Duration::from_secs(365 * 24 * 3600));
         loop {
             let replaced = self.identity.as_ref().map(|i| i.replaced.clone());
             let waiting_for_hello = self.identity.is_none();
@@ -142,6 +157,9 @@ impl Connection {
                 _ = shutdown.cancelled() => return End::Close(close::GOING_AWAY, "server shutting down"),
                 _ = tokio::time::sleep_until(hello_by), if waiting_for_hello => {
                     return End::Close(close::HELLO_TIMEOUT, "hello timeout");
+                }
+                _ = tokio::time::sleep_until(expires_at), if expires => {
+                    return End::Close(close::CREDENTIAL_EXPIRED, "credential expired: reconnect with a fresh one");
                 }
                 _ = async { match &replaced { Some(n) => n.notified().await, None => std::future::pending().await } } => {
                     return End::Close(close::REPLACED, "instance connected again elsewhere");
@@ -297,8 +315,13 @@ impl Connection {
                 labels,
                 heartbeat,
             } => {
-                self.heartbeat_wanted = heartbeat;
-                self.on_hello(instance, app, labels).await
+                let first = self.identity.is_none();
+                let answer = self.on_hello(instance, app, labels).await;
+                if first && self.identity.is_some() {
+                    // Only the hello that was accepted decides.
+                    self.heartbeat_wanted = heartbeat;
+                }
+                answer
             }
             _ if self.identity.is_none() => {
                 self.error(error_code::OUT_OF_ORDER, "send hello first")
@@ -352,6 +375,19 @@ impl Connection {
                 )
                 .await;
         }
+        // Read before anything is registered: a failure leaves the connection as it was.
+        let epoch = match self.app.store.epoch().await {
+            Ok(epoch) => epoch,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the log epoch");
+                return self
+                    .error(
+                        error_code::INTERNAL,
+                        "could not read the log; send hello again",
+                    )
+                    .await;
+            }
+        };
         let Some((connection, replaced)) = self.app.hub.claim(&instance, &self.grant.credential)
         else {
             tracing::warn!(%instance, credential = %self.grant.credential, "takeover by another credential refused");
@@ -390,15 +426,7 @@ impl Connection {
             instance,
             heartbeat_secs: self.app.config.server.heartbeat().as_secs(),
             max_frame_bytes: self.app.config.limits.max_frame_bytes(),
-            epoch: match self.app.store.epoch().await {
-                Ok(epoch) => epoch,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the log epoch");
-                    return self
-                        .error(error_code::INTERNAL, "could not read the log; reconnect")
-                        .await;
-                }
-            },
+            epoch,
         };
         self.send(&welcome).await.err()
     }
@@ -551,6 +579,13 @@ impl Connection {
             return self.snapshot(topics, matches, Some(reason), &current).await;
         }
         let head = store.head_seq().await.map_err(fail)?;
+        if since > head && epoch.is_none() {
+            // A revision-1 client cannot learn an epoch: snapshots, as before, and no new epoch
+            // (it would come back with the same position and start one on every reconnect).
+            let reason =
+                format!("since {since} is ahead of the log head {head} (server data was reset?)");
+            return self.snapshot(topics, matches, Some(reason), &current).await;
+        }
         if since > head {
             // This instance saw positions the log no longer has: the log lost its head (restored
             // from an older backup). Numbers from here on would repeat ones it saw with other
