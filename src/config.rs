@@ -698,48 +698,14 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for (i, t) in self.auth.instance_tokens.iter_mut().enumerate() {
             let key = format!("auth.instance_tokens[{i}]");
-            warn_weak_token(
-                &key,
-                t.token_env.as_deref(),
-                t.token_file.as_ref().map(|f| base.join(f)).as_deref(),
-                lookup,
-            );
-            if t.name.is_empty() || !names.insert(format!("i:{}", t.name)) {
-                return Err(ConfigError::key(
-                    format!("{key}.name"),
-                    "give each token a distinct, non-empty name",
-                ));
-            }
             crate::auth::check_instance_token(&key, t)?;
-            t.digest = Some(crate::auth::resolve_digest(
-                &key,
-                t.token_sha256.as_deref(),
-                t.token_env.as_deref(),
-                t.token_file.as_ref().map(|f| base.join(f)).as_deref(),
-                lookup,
-            )?);
+            let given = (&t.name, &t.token_sha256, &t.token_env, &t.token_file);
+            t.digest = Some(static_token(&key, "i", given, &mut names, base, lookup)?);
         }
         for (i, t) in self.auth.api_tokens.iter_mut().enumerate() {
             let key = format!("auth.api_tokens[{i}]");
-            warn_weak_token(
-                &key,
-                t.token_env.as_deref(),
-                t.token_file.as_ref().map(|f| base.join(f)).as_deref(),
-                lookup,
-            );
-            if t.name.is_empty() || !names.insert(format!("a:{}", t.name)) {
-                return Err(ConfigError::key(
-                    format!("{key}.name"),
-                    "give each token a distinct, non-empty name",
-                ));
-            }
-            t.digest = Some(crate::auth::resolve_digest(
-                &key,
-                t.token_sha256.as_deref(),
-                t.token_env.as_deref(),
-                t.token_file.as_ref().map(|f| base.join(f)).as_deref(),
-                lookup,
-            )?);
+            let given = (&t.name, &t.token_sha256, &t.token_env, &t.token_file);
+            t.digest = Some(static_token(&key, "a", given, &mut names, base, lookup)?);
         }
         if let Some(jwt) = &mut self.auth.jwt {
             let given = [
@@ -981,6 +947,33 @@ fn warn_weak_secret(key: &str, source: &str, secret: &Secret, file: Option<&Path
     }
 }
 
+/// A static credential's name (unique among its `kind`), and its digest from whichever of
+/// `token_sha256`, `token_env` or `token_file` is given; warns about a weak one.
+fn static_token(
+    key: &str,
+    kind: &str,
+    (name, sha256, env, file): (&String, &Option<String>, &Option<String>, &Option<PathBuf>),
+    names: &mut std::collections::HashSet<String>,
+    base: &Path,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<[u8; 32], ConfigError> {
+    if name.is_empty() || !names.insert(format!("{kind}:{name}")) {
+        return Err(ConfigError::key(
+            format!("{key}.name"),
+            "give each token a distinct, non-empty name",
+        ));
+    }
+    let file = file.as_ref().map(|f| base.join(f));
+    warn_weak_token(key, env.as_deref(), file.as_deref(), lookup);
+    crate::auth::resolve_digest(
+        key,
+        sha256.as_deref(),
+        env.as_deref(),
+        file.as_deref(),
+        lookup,
+    )
+}
+
 /// The same warnings for a static credential given by variable or file (a digest gives nothing to
 /// check). Errors are reported by `auth::resolve_digest`, not here.
 fn warn_weak_token(
@@ -1093,6 +1086,55 @@ secret_env = "HOOK_SECRET"
             .collect();
         let lookup = |name: &str| (name == "HOOK_SECRET").then(|| "s3cret".to_string());
         Config::parse(text, env, Path::new("."), &lookup)
+    }
+
+    #[test]
+    fn auth_entries_are_checked_and_named_in_errors() {
+        let sha = "a".repeat(64);
+        let token = |name: &str| {
+            format!("[[auth.api_tokens]]\nname = \"{name}\"\ntoken_sha256 = \"{sha}\"\nscope = \"read\"\n")
+        };
+        let ok = format!("{}{BASE}", token("ops"));
+        let c = parse(&ok, &[]).expect("valid");
+        assert_eq!(c.auth.api_tokens[0].digest, Some([0xaa; 32]));
+        let twice = format!("{}{}{BASE}", token("ops"), token("ops"));
+        let err = parse(&twice, &[]).expect_err("duplicate name").to_string();
+        assert!(err.contains("auth.api_tokens[1].name"), "{err}");
+        let both = format!(
+            "[[auth.instance_tokens]]\nname = \"i\"\ntoken_sha256 = \"{sha}\"\ntoken_env = \"HOOK_SECRET\"\n{BASE}"
+        );
+        let err = parse(&both, &[]).expect_err("two sources").to_string();
+        assert!(
+            err.contains("auth.instance_tokens[0]") && err.contains("exactly one"),
+            "{err}"
+        );
+        let bad_topic = format!(
+            "[[auth.instance_tokens]]\nname = \"i\"\ntoken_sha256 = \"{sha}\"\ntopics = [\"a*b\"]\n{BASE}"
+        );
+        let err = parse(&bad_topic, &[]).expect_err("bad pattern").to_string();
+        assert!(err.contains("auth.instance_tokens[0].topics[0]"), "{err}");
+        let no_key = format!("[auth.jwt]\nissuer = \"x\"\n{BASE}");
+        let err = parse(&no_key, &[]).expect_err("no key").to_string();
+        assert!(err.contains("auth.jwt"), "{err}");
+        let tls = BASE.replace(
+            "listen = \"127.0.0.1:9000\"",
+            "listen = \"127.0.0.1:9000\"\n[server.tls]\ncert_file = \"missing.pem\"\nkey_file = \"k.pem\"",
+        );
+        let err = parse(&tls, &[]).expect_err("missing cert").to_string();
+        assert!(err.contains("server.tls.cert_file"), "{err}");
+    }
+
+    #[test]
+    fn a_wide_listener_needs_credentials_unless_anonymous_is_allowed() {
+        let c = parse(BASE, &[]).expect("valid");
+        let wide: SocketAddr = "0.0.0.0:8080".parse().expect("addr");
+        let problem = c.exposure_problem(wide).expect("refused");
+        assert!(problem.contains("auth.instance_tokens") && problem.contains("auth.api_tokens"));
+        assert!(c
+            .exposure_problem("127.0.0.1:8080".parse().expect("addr"))
+            .is_none());
+        let open = parse(&format!("[auth]\nallow_anonymous = true\n{BASE}"), &[]).expect("valid");
+        assert!(open.exposure_problem(wide).is_none());
     }
 
     #[test]
