@@ -151,13 +151,6 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-fn scope_name(scope: ApiScope) -> &'static str {
-    match scope {
-        ApiScope::Read => "read",
-        ApiScope::Admin => "admin",
-    }
-}
-
 impl Authenticator {
     /// Builds the checker from validated configuration (digests and JWT keys already resolved).
     /// `client_token` is the older shared token for `/ws`, granting every id and topic.
@@ -254,8 +247,8 @@ impl Authenticator {
         let t = found.ok_or(AuthError::Unknown)?;
         if t.scope < need {
             return Err(AuthError::Scope {
-                have: scope_name(t.scope),
-                need: scope_name(need),
+                have: t.scope.as_str(),
+                need: need.as_str(),
             });
         }
         Ok(t.name.clone())
@@ -398,15 +391,8 @@ pub fn resolve_digest(
             Ok(sha256(value.as_bytes()))
         }
         (None, None, Some(path)) => {
-            let mut bytes = std::fs::read(path)
-                .map_err(|e| err("token_file", format!("cannot read {}: {e}", path.display())))?;
-            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                bytes.pop();
-            }
-            if bytes.is_empty() {
-                return Err(err("token_file", format!("{} is empty", path.display())));
-            }
-            Ok(sha256(&bytes))
+            let token = crate::config::read_secret_file(path).map_err(|m| err("token_file", m))?;
+            Ok(sha256(token.expose()))
         }
         _ => Err(ConfigError::Key {
             key: key.to_string(),

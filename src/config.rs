@@ -113,6 +113,16 @@ pub enum ApiScope {
     Admin,
 }
 
+impl ApiScope {
+    /// The name used in the configuration and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiScope::Read => "read",
+            ApiScope::Admin => "admin",
+        }
+    }
+}
+
 /// JWT verification for instance credentials. Exactly one key is given.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -994,7 +1004,7 @@ fn warn_weak_token(
 }
 
 /// Reads a secret from a file, without its trailing newline.
-fn read_secret_file(path: &Path) -> Result<Secret, String> {
+pub(crate) fn read_secret_file(path: &Path) -> Result<Secret, String> {
     let mut bytes =
         std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {

@@ -128,6 +128,12 @@ mod server {
         })?;
         let store = store::open(&config.store_url()).await?;
         let token = CancellationToken::new();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sockets and flushing acks");
+            stop.cancel();
+        });
         let tracker = TaskTracker::new();
         let hub = Hub::new(config.server.connection_queue);
         tracker.spawn(hub.clone().feed(store.clone(), token.clone()));
@@ -146,7 +152,12 @@ mod server {
         let syncers = Syncers::start(&config, store.clone(), hub.clone(), &tracker, token.clone());
         // Git is the truth: bring the store up to the branches before the first instance is
         // answered, so none is shown what the store held before (a restored backup, a long stop).
-        if !syncers.first_round(FIRST_SYNC_WAIT).await {
+        let synced = tokio::select! {
+            synced = syncers.first_round(FIRST_SYNC_WAIT) => synced,
+            // A shutdown while waiting: the accept loop below then returns at once.
+            _ = token.cancelled() => true,
+        };
+        if !synced {
             tracing::warn!(
                 waited_secs = FIRST_SYNC_WAIT.as_secs(),
                 "first sync of every repo not done in time; serving what the store has"
@@ -177,12 +188,6 @@ mod server {
             shutdown: token.clone(),
             tracker: tracker.clone(),
             auth,
-        });
-        let stop = token.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            tracing::info!("shutting down: closing sockets and flushing acks");
-            stop.cancel();
         });
         crate::listener::accept(listener, router(app), tls, &limits, &tracker, token.clone()).await;
         token.cancel();

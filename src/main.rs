@@ -381,10 +381,6 @@ fn print_access(config: &confcast::config::Config) {
         println!("api      : open (no [[auth.api_tokens]])");
     }
     for t in &auth.api_tokens {
-        let scope = match t.scope {
-            confcast::config::ApiScope::Read => "read",
-            confcast::config::ApiScope::Admin => "admin",
-        };
-        println!("api      : token `{}` ({scope})", t.name);
+        println!("api      : token `{}` ({})", t.name, t.scope.as_str());
     }
 }

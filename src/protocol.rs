@@ -366,6 +366,15 @@ pub fn validate_pattern(pattern: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,6 +413,13 @@ mod tests {
             r#"{"type":"ack","topic":"a","version":1,"status":"maybe"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn truncate_utf8_cuts_at_a_character_boundary() {
+        assert_eq!(truncate_utf8("héllo", 2), "h");
+        assert_eq!(truncate_utf8("héllo", 3), "hé");
+        assert_eq!(truncate_utf8("abc", 10), "abc");
     }
 
     #[test]

@@ -146,7 +146,8 @@ impl Client {
     ) -> Result<(), StateError> {
         // The server keeps 4 KiB of it and refuses messages over 64 KiB: a longer text would be
         // refused again after every reconnect, with the verdict re-sent each time.
-        let error = error.map(|e| cut(&e, MAX_ACK_ERROR_BYTES));
+        let error =
+            error.map(|e| crate::protocol::truncate_utf8(&e, MAX_ACK_ERROR_BYTES).to_string());
         if let Ok(mut state) = self.state.lock() {
             state.acknowledge(
                 topic,
@@ -196,6 +197,7 @@ async fn run(
     let mut round = 0u32;
     let mut next_url = 0usize;
     let mut fresh = false;
+    let mut last_failure: Option<String> = None;
     loop {
         let mut session = None;
         for _ in 0..options.urls.len().max(1) {
@@ -214,7 +216,17 @@ async fn run(
                     session = Some((url.clone(), s));
                     break;
                 }
-                Err(e) => tracing::debug!(%url, error = %e, "connect failed"),
+                // A refused credential or hello repeats until someone fixes it: say so once,
+                // loudly, and then only when the reason changes.
+                Err(e) => {
+                    let error = e.to_string();
+                    if last_failure.as_deref() == Some(error.as_str()) {
+                        tracing::debug!(%url, %error, "connect failed");
+                    } else {
+                        tracing::warn!(%url, %error, "connect failed; retrying with backoff");
+                        last_failure = Some(error);
+                    }
+                }
             }
         }
         let Some((url, mut session)) = session else {
@@ -223,6 +235,7 @@ async fn run(
             continue;
         };
         round = 0;
+        last_failure = None;
         if tx
             .send(Delivery::Connected { url: url.clone() })
             .await
@@ -410,12 +423,3 @@ async fn serve(
 
 /// The longest ack error text sent (the server's default `limits.max_ack_error_bytes`).
 const MAX_ACK_ERROR_BYTES: usize = 4096;
-
-/// At most `max` bytes of `text`, cut at a character boundary.
-fn cut(text: &str, max: usize) -> String {
-    let mut end = max.min(text.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
-}

@@ -134,21 +134,7 @@ impl Connection {
         let shutdown = self.app.shutdown.clone();
         let hello_by = tokio::time::Instant::now()
             + Duration::from_secs(self.app.config.limits.hello_timeout_secs.max(1));
-        let expires = self.grant.expires_at.is_some();
-        let expires_at = tokio::time::Instant::now()
-            + self
-                .grant
-                .expires_at
-                .map(|at| {
-                    // A token is refused once `exp` is in the past (exp < now, whole seconds):
-                    // from the start of the second after it.
-                    let refused_from =
-                        std::time::UNIX_EPOCH + Duration::from_secs(at.saturating_add(1));
-                    refused_from
-                        .duration_since(std::time::SystemTime::now())
-                        .unwrap_or(Duration::ZERO)
-                })
-                .unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let expires_at = self.grant.expires_at.map(refused_from);
         loop {
             let replaced = self.identity.as_ref().map(|i| i.replaced.clone());
             let waiting_for_hello = self.identity.is_none();
@@ -158,7 +144,7 @@ impl Connection {
                 _ = tokio::time::sleep_until(hello_by), if waiting_for_hello => {
                     return End::Close(close::HELLO_TIMEOUT, "hello timeout");
                 }
-                _ = tokio::time::sleep_until(expires_at), if expires => {
+                _ = tokio::time::sleep_until(expires_at.unwrap_or(hello_by)), if expires_at.is_some() => {
                     return End::Close(close::CREDENTIAL_EXPIRED, "credential expired: reconnect with a fresh one");
                 }
                 _ = async { match &replaced { Some(n) => n.notified().await, None => std::future::pending().await } } => {
@@ -674,7 +660,8 @@ impl Connection {
             let message = format!("this credential may not ack topic `{topic}`");
             return self.error(error_code::FORBIDDEN, message).await;
         }
-        let error = error.map(|e| truncate(&e, self.app.config.limits.max_ack_error_bytes));
+        let max = self.app.config.limits.max_ack_error_bytes;
+        let error = error.map(|e| protocol::truncate_utf8(&e, max).to_string());
         match self
             .app
             .store
@@ -716,13 +703,14 @@ async fn recv_live(
     }
 }
 
-/// At most `max` bytes of `text`, cut at a character boundary.
-fn truncate(text: &str, max: usize) -> String {
-    let mut end = max.min(text.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
+/// When a token with `exp` (seconds since the epoch, leeway included) stops being accepted: from
+/// the start of the second after it, as the check is `exp < now` in whole seconds.
+fn refused_from(exp: u64) -> tokio::time::Instant {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(exp.saturating_add(1));
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + left
 }
 
 /// Characters an id or label may not hold: control characters, and the bidirectional formatting
@@ -799,12 +787,5 @@ mod tests {
         assert!(check_hello(&limits, "web-1", None, &long).is_err());
         let empty_key = BTreeMap::from([(String::new(), "v".to_string())]);
         assert!(check_hello(&limits, "web-1", None, &empty_key).is_err());
-    }
-
-    #[test]
-    fn truncate_cuts_at_a_character_boundary() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }

@@ -220,11 +220,8 @@ fn cut(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    let kept = crate::protocol::truncate_utf8(text, max.saturating_sub('…'.len_utf8()));
+    format!("{kept}…")
 }
 
 /// Modes of regular files (not symlinks, submodules or trees): the only entries ever published.
