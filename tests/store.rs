@@ -974,6 +974,19 @@ mod health {
         // The open connections still read and write the file; only its path is gone.
         std::fs::rename(&db, &aside).expect("move the database away");
         assert_eq!(store.head_seq().await.expect("round trip still works"), 0);
+        // Enough queries at once that the pool opens new connections: those fail (or the
+        // query waits for an open one), but none makes an empty database at the path.
+        let mut reads = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            reads.spawn(async move { store.head_seq().await });
+        }
+        while let Some(read) = reads.join_next().await {
+            if let Ok(head) = read.expect("read task") {
+                assert_eq!(head, 0, "read from the file the store opened");
+            }
+        }
+        assert!(!db.exists(), "no new, empty database at the path");
         let moved = store.check().await.expect_err("moved away");
         assert!(
             moved.to_string().contains("deleted or moved away"),
@@ -985,11 +998,16 @@ mod health {
             refused.to_string().contains("deleted or moved away"),
             "{refused}"
         );
-        assert_eq!(store.head_seq().await.expect("head"), 0);
 
+        // Read back once the file is at its path again: a connection the pool opened meanwhile
+        // (it may, while the refused one is rolled back) fails rather than making an empty
+        // database there, so every connection still reads the one file.
         std::fs::rename(&aside, &db).expect("put it back");
         store.check().await.expect("healthy once back");
-        store.publish(&change("c2")).await.expect("publishes again");
+        assert_eq!(store.head_seq().await.expect("head"), 0, "rolled back");
+        let published = store.publish(&change("c2")).await.expect("publishes again");
+        let seqs: Vec<u64> = published.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, vec![1], "no number was lost");
 
         // Another file at the path (a restore from backup): the connections keep the old one.
         std::fs::copy(&db, &aside).expect("copy");

@@ -147,6 +147,12 @@ pub trait Backend: Send + Sync + 'static {
     /// What this database can check beyond a round trip (which [`SqlStore`] does), see
     /// [`Store::check`].
     async fn check(&self, pool: &Pool<Self::Db>) -> Result<(), StoreError>;
+
+    /// The error a failed publish reports: the database's own, unless the backend knows a
+    /// cause the operator can act on.
+    fn explain(&self, error: StoreError) -> StoreError {
+        error
+    }
 }
 
 /// The [`Store`] over one database `B` drives.
@@ -264,142 +270,147 @@ where
     }
 
     async fn publish(&self, outcome: &SyncOutcome) -> Result<Vec<Change>, StoreError> {
-        let now = now_ms();
-        let count = u64::try_from(outcome.topics.len()).unwrap_or(u64::MAX);
-        let mut tx = self.pool.begin().await?;
-        // Every publisher's first statement writes the log head's row. That takes SQLite's write
-        // lock, and on PostgreSQL the row lock: a publisher elsewhere waits here until this
-        // transaction ends, so sequence numbers are committed in the order they are handed out (a
-        // reader never sees n + 1 without n), and a rollback gives its numbers back. Taking it
-        // first, always, also keeps the order in which publishers lock other rows the same, so
-        // they cannot deadlock.
-        let head_row = sqlx::query("UPDATE log_head SET seq = seq + $1 WHERE id = 1 RETURNING seq")
-            .bind(to_i64(count))
-            .fetch_one(&mut *tx)
-            .await?;
-        let head = u64_at(&head_row, "seq")?;
-        let mut seq = head
-            .checked_sub(count)
-            .ok_or_else(|| StoreError::Corrupt(format!("log head {head} below {count}")))?;
-        sqlx::query(
-            "INSERT INTO repos (name, head, synced_at) VALUES ($1, $2, $3)
-             ON CONFLICT (name) DO UPDATE SET head = excluded.head, synced_at = excluded.synced_at",
-        )
-        .bind(outcome.repo.as_str())
-        .bind(outcome.commit.as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let mut changes = Vec::with_capacity(outcome.topics.len());
-        for tc in &outcome.topics {
-            // Consistent without a lock of its own: only publishers write topics, and they are
-            // serialized by the log head above.
-            let previous = sqlx::query("SELECT version FROM topics WHERE name = $1")
-                .bind(tc.topic.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-            let previous_version = match previous {
-                None => 0,
-                Some(row) => u64_at(&row, "version")?,
-            };
-            seq += 1;
-            let LogEntry {
-                change,
-                frame,
-                files,
-            } = log_entry(outcome, tc, seq, previous_version)?;
+        let append = async {
+            let now = now_ms();
+            let count = u64::try_from(outcome.topics.len()).unwrap_or(u64::MAX);
+            let mut tx = self.pool.begin().await?;
+            // Every publisher's first statement writes the log head's row. That takes SQLite's write
+            // lock, and on PostgreSQL the row lock: a publisher elsewhere waits here until this
+            // transaction ends, so sequence numbers are committed in the order they are handed out (a
+            // reader never sees n + 1 without n), and a rollback gives its numbers back. Taking it
+            // first, always, also keeps the order in which publishers lock other rows the same, so
+            // they cannot deadlock.
+            let head_row =
+                sqlx::query("UPDATE log_head SET seq = seq + $1 WHERE id = 1 RETURNING seq")
+                    .bind(to_i64(count))
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let head = u64_at(&head_row, "seq")?;
+            let mut seq = head
+                .checked_sub(count)
+                .ok_or_else(|| StoreError::Corrupt(format!("log head {head} below {count}")))?;
             sqlx::query(
-                "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "INSERT INTO repos (name, head, synced_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET head = excluded.head, synced_at = excluded.synced_at",
             )
-            .bind(to_i64(seq))
-            .bind(tc.topic.as_str())
-            .bind(to_i64(change.version))
             .bind(outcome.repo.as_str())
             .bind(outcome.commit.as_str())
-            .bind(outcome.author.as_str())
-            .bind(outcome.message.as_str())
-            .bind(files)
             .bind(now)
-            .bind(frame)
             .execute(&mut *tx)
             .await?;
-            for file in &tc.files {
-                if let Some(old) = &file.old_path {
-                    sqlx::query(DELETE_FILE)
-                        .bind(tc.topic.as_str())
-                        .bind(old.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                match (&file.status, &file.content) {
-                    (FileStatus::Deleted, _) | (_, None) => {
+            let mut changes = Vec::with_capacity(outcome.topics.len());
+            for tc in &outcome.topics {
+                // Consistent without a lock of its own: only publishers write topics, and they are
+                // serialized by the log head above.
+                let previous = sqlx::query("SELECT version FROM topics WHERE name = $1")
+                    .bind(tc.topic.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let previous_version = match previous {
+                    None => 0,
+                    Some(row) => u64_at(&row, "version")?,
+                };
+                seq += 1;
+                let LogEntry {
+                    change,
+                    frame,
+                    files,
+                } = log_entry(outcome, tc, seq, previous_version)?;
+                sqlx::query(
+                    "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                )
+                .bind(to_i64(seq))
+                .bind(tc.topic.as_str())
+                .bind(to_i64(change.version))
+                .bind(outcome.repo.as_str())
+                .bind(outcome.commit.as_str())
+                .bind(outcome.author.as_str())
+                .bind(outcome.message.as_str())
+                .bind(files)
+                .bind(now)
+                .bind(frame)
+                .execute(&mut *tx)
+                .await?;
+                for file in &tc.files {
+                    if let Some(old) = &file.old_path {
                         sqlx::query(DELETE_FILE)
                             .bind(tc.topic.as_str())
-                            .bind(file.path.as_str())
+                            .bind(old.as_str())
                             .execute(&mut *tx)
                             .await?;
                     }
-                    (_, Some(content)) => {
-                        sqlx::query(
-                            "INSERT INTO topic_files (topic, path, sha, content) VALUES ($1, $2, $3, $4)
-                             ON CONFLICT (topic, path) DO UPDATE SET sha = excluded.sha, content = excluded.content",
-                        )
-                        .bind(tc.topic.as_str())
-                        .bind(file.path.as_str())
-                        .bind(file.sha.as_str())
-                        .bind(content.as_slice())
-                        .execute(&mut *tx)
-                        .await?;
+                    match (&file.status, &file.content) {
+                        (FileStatus::Deleted, _) | (_, None) => {
+                            sqlx::query(DELETE_FILE)
+                                .bind(tc.topic.as_str())
+                                .bind(file.path.as_str())
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        (_, Some(content)) => {
+                            sqlx::query(
+                                "INSERT INTO topic_files (topic, path, sha, content) VALUES ($1, $2, $3, $4)
+                                 ON CONFLICT (topic, path) DO UPDATE SET sha = excluded.sha, content = excluded.content",
+                            )
+                            .bind(tc.topic.as_str())
+                            .bind(file.path.as_str())
+                            .bind(file.sha.as_str())
+                            .bind(content.as_slice())
+                            .execute(&mut *tx)
+                            .await?;
+                        }
                     }
                 }
-            }
-            sqlx::query(
-                "INSERT INTO topics (name, repo, version, seq, commit_id, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (name) DO UPDATE SET repo = excluded.repo, version = excluded.version,
-                   seq = excluded.seq, commit_id = excluded.commit_id, updated_at = excluded.updated_at",
-            )
-            .bind(tc.topic.as_str())
-            .bind(outcome.repo.as_str())
-            .bind(to_i64(change.version))
-            .bind(to_i64(seq))
-            .bind(outcome.commit.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            changes.push(change);
-        }
-        for topic in &outcome.cleared {
-            sqlx::query("DELETE FROM rejections WHERE repo = $1 AND topic = $2")
+                sqlx::query(
+                    "INSERT INTO topics (name, repo, version, seq, commit_id, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (name) DO UPDATE SET repo = excluded.repo, version = excluded.version,
+                       seq = excluded.seq, commit_id = excluded.commit_id, updated_at = excluded.updated_at",
+                )
+                .bind(tc.topic.as_str())
                 .bind(outcome.repo.as_str())
-                .bind(topic.as_str())
+                .bind(to_i64(change.version))
+                .bind(to_i64(seq))
+                .bind(outcome.commit.as_str())
+                .bind(now)
                 .execute(&mut *tx)
                 .await?;
-        }
-        for r in &outcome.rejected {
-            sqlx::query(
-                "INSERT INTO rejections (repo, topic, base_commit, commit_id, author, path, line, message, at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                 ON CONFLICT (repo, topic) DO UPDATE SET commit_id = excluded.commit_id, author = excluded.author,
-                   path = excluded.path, line = excluded.line, message = excluded.message, at = excluded.at",
-            )
-            .bind(r.repo.as_str())
-            .bind(r.topic.as_str())
-            .bind(r.base_commit.as_str())
-            .bind(r.commit.as_str())
-            .bind(r.author.as_str())
-            .bind(r.path.as_str())
-            .bind(r.line.map(i64::from))
-            .bind(r.message.as_str())
-            .bind(r.at_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if count > 0 {
-            self.backend.published(&mut tx, head).await?;
-        }
-        tx.commit().await?;
-        Ok(changes)
+                changes.push(change);
+            }
+            for topic in &outcome.cleared {
+                sqlx::query("DELETE FROM rejections WHERE repo = $1 AND topic = $2")
+                    .bind(outcome.repo.as_str())
+                    .bind(topic.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for r in &outcome.rejected {
+                sqlx::query(
+                    "INSERT INTO rejections (repo, topic, base_commit, commit_id, author, path, line, message, at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (repo, topic) DO UPDATE SET commit_id = excluded.commit_id, author = excluded.author,
+                       path = excluded.path, line = excluded.line, message = excluded.message, at = excluded.at",
+                )
+                .bind(r.repo.as_str())
+                .bind(r.topic.as_str())
+                .bind(r.base_commit.as_str())
+                .bind(r.commit.as_str())
+                .bind(r.author.as_str())
+                .bind(r.path.as_str())
+                .bind(r.line.map(i64::from))
+                .bind(r.message.as_str())
+                .bind(r.at_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if count > 0 {
+                self.backend.published(&mut tx, head).await?;
+            }
+            tx.commit().await?;
+            Ok(changes)
+        };
+        // The backend may know a cause of failure the operator can act on.
+        append.await.map_err(|error| self.backend.explain(error))
     }
 
     async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<LoggedEvent>, StoreError> {
@@ -812,9 +823,11 @@ where
     }
 
     async fn check(&self) -> Result<(), StoreError> {
+        // The backend's own checks first: their errors say what to do, where a round trip
+        // through a broken setup only fails.
         let probe = async {
-            self.head_seq().await?;
-            self.backend.check(&self.pool).await
+            self.backend.check(&self.pool).await?;
+            self.head_seq().await.map(drop)
         };
         tokio::time::timeout(CHECK_TIMEOUT, probe)
             .await

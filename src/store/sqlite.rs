@@ -138,12 +138,25 @@ pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
     }
     let in_memory = path.is_empty() || path.starts_with(":memory:") || url.contains("mode=memory");
     let options = SqliteConnectOptions::from_str(url)?
-        .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         // NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true);
+    // Only the first connection may create the file. The pool opens more later (on demand, or
+    // while a dropped one is still being rolled back); if the file has gone from its path by
+    // then, such a connection must fail, not make an empty database there that every later
+    // query would silently read ("no such table") and a restore would be renamed over.
+    let options = if in_memory {
+        options.create_if_missing(true)
+    } else {
+        let first = options.clone().create_if_missing(true);
+        sqlx::Connection::close(
+            <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&first).await?,
+        )
+        .await?;
+        options.create_if_missing(false)
+    };
     let pool = SqlitePoolOptions::new()
         .max_connections(4)
         .connect_with(options)
@@ -244,5 +257,14 @@ impl Backend for SqliteBackend {
         })
         .await
         .map_err(|e| StoreError::Unhealthy(format!("the file check did not finish: {e}")))?
+    }
+
+    /// A publish that failed because the file left its path (a new connection cannot open it)
+    /// says so, rather than "unable to open database file".
+    fn explain(&self, error: StoreError) -> StoreError {
+        match self.file.as_ref().map(DatabaseFile::still_there) {
+            Some(Err(gone)) => gone,
+            _ => error,
+        }
     }
 }
