@@ -203,6 +203,11 @@ pub struct LimitsConfig {
     pub max_path_bytes: usize,
     /// Instances disconnected longer than this are forgotten, with their acks (0 = never).
     pub instance_expiry_secs: u64,
+    /// Audit log entries kept, newest first (0 = all).
+    pub max_audit_entries: u64,
+    /// Refused credentials recorded one by one per minute, per replica; beyond it they are
+    /// counted and recorded as one summary entry, so a flood cannot grow the database.
+    pub audit_refusals_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -227,6 +232,8 @@ impl Default for LimitsConfig {
             max_topic_files: 10_000,
             max_path_bytes: 1024,
             instance_expiry_secs: 7 * 24 * 3600,
+            max_audit_entries: 100_000,
+            audit_refusals_per_minute: 60,
         }
     }
 }

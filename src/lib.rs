@@ -188,6 +188,7 @@ mod server {
             shutdown: token.clone(),
             tracker: tracker.clone(),
             auth,
+            refusals: Default::default(),
         });
         crate::listener::accept(listener, router(app), tls, &limits, &tracker, token.clone()).await;
         token.cancel();

@@ -6,11 +6,13 @@
 //! `limits.max_connections` after the HTTP upgrade, for as long as it lives.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -89,8 +91,8 @@ pub async fn accept(
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, mostly: back off instead of spinning on the error.
                 tracing::warn!(error = %e, "accept failed; retrying in 100 ms");
@@ -106,12 +108,25 @@ pub async fn accept(
         tracker.spawn(async move {
             match tls {
                 None => {
-                    serve_connection(Held::new(stream, slot), router, head_timeout, shutdown).await
+                    serve_connection(
+                        Held::new(stream, slot),
+                        peer,
+                        router,
+                        head_timeout,
+                        shutdown,
+                    )
+                    .await
                 }
                 Some(tls) => match tokio::time::timeout(head_timeout, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        serve_connection(Held::new(stream, slot), router, head_timeout, shutdown)
-                            .await
+                        serve_connection(
+                            Held::new(stream, slot),
+                            peer,
+                            router,
+                            head_timeout,
+                            shutdown,
+                        )
+                        .await
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -123,13 +138,14 @@ pub async fn accept(
 
 async fn serve_connection<S>(
     stream: Held<S>,
+    peer: SocketAddr,
     router: Router,
     head_timeout: Duration,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(router);
+    let service = TowerToHyperService::new(WithPeer { router, peer });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(head_timeout)
@@ -199,5 +215,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// The router, with the peer's address in every request's extensions (`ConnectInfo`), for the
+/// audit log. Cheaper than a layer per connection: nothing is boxed.
+#[derive(Clone)]
+struct WithPeer {
+    router: Router,
+    peer: SocketAddr,
+}
+
+impl<B> tower_service::Service<axum::http::Request<B>> for WithPeer
+where
+    Router: tower_service::Service<axum::http::Request<B>>,
+{
+    type Response = <Router as tower_service::Service<axum::http::Request<B>>>::Response;
+    type Error = <Router as tower_service::Service<axum::http::Request<B>>>::Error;
+    type Future = <Router as tower_service::Service<axum::http::Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::<axum::http::Request<B>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        self.router.call(request)
     }
 }

@@ -19,7 +19,6 @@ use confcast::client::{Identity, Session};
 use confcast::protocol::{AckStatus, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -903,13 +902,7 @@ async fn slow_request_heads_are_closed_and_connections_stay_capped() {
     legit.still_connected().await;
 }
 
-const PAYMENTS_TOKEN: &str = "payments-instance-token-0123456789";
 const BILLING_TOKEN: &str = "billing-instance-token-0123456789ab";
-const OPS_TOKEN: &str = "ops-instance-token-0123456789abcdef";
-
-fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_credential_cannot_claim_or_ack_for_an_instance() {

@@ -8,90 +8,15 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use util::*;
 
-const PAYMENTS_TOKEN: &str = "payments-instance-token-0123456789";
-const OPS_TOKEN: &str = "ops-instance-token-0123456789abcdef";
-const READ_TOKEN: &str = "api-read-token-0123456789abcdef";
-const ADMIN_TOKEN: &str = "api-admin-token-0123456789abcdef";
 const JWT_SECRET: &str = "jwt-hs256-secret-0123456789abcdef";
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
-
-/// `[auth]` with a payments-only instance token, an ops token for everything, and API tokens.
-fn auth_toml() -> String {
-    format!(
-        r#"
-[[auth.instance_tokens]]
-name = "payments"
-token_sha256 = "{}"
-instances = "payments-*"
-topics = ["payments"]
-
-[[auth.instance_tokens]]
-name = "ops"
-token_sha256 = "{}"
-
-[[auth.api_tokens]]
-name = "dashboard"
-token_sha256 = "{}"
-scope = "read"
-
-[[auth.api_tokens]]
-name = "operator"
-token_sha256 = "{}"
-scope = "admin"
-"#,
-        sha256_hex(PAYMENTS_TOKEN),
-        sha256_hex(OPS_TOKEN),
-        sha256_hex(READ_TOKEN),
-        sha256_hex(ADMIN_TOKEN)
-    )
-}
-
-/// Starts a server on `repo` with `[server]` lines and top-level TOML (`[auth]`, `[limits]`).
-async fn start(dir: &std::path::Path, repo: &ConfigRepo, server: &str, top: &str) -> TestServer {
-    let data_dir = dir.join("data");
-    let toml = format!(
-        "{top}\n[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
-        data_dir.display(),
-        repo.url()
-    );
-    let server = TestServer::start_toml(data_dir, toml).await;
-    wait_synced(&server).await;
-    server
-}
-
-/// Waits for the first sync, asking with a read credential (ignored where the API is open).
-async fn wait_synced(server: &TestServer) {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let reply = server
-                .http
-                .get(server.url("/api/v1/repos"))
-                .bearer_auth(READ_TOKEN)
-                .send()
-                .await
-                .expect("GET");
-            let v: Value = reply.json().await.unwrap_or(Value::Null);
-            if v["repos"][0]["syncs"].as_u64().unwrap_or(0) >= 1 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("synced in time");
-}
 
 /// Opens `/ws` with `token` as a bearer credential; `Err(status)` when the upgrade is refused.
 async fn ws(server: &TestServer, token: Option<&str>) -> Result<Ws, u16> {
@@ -172,7 +97,7 @@ async fn subscribe(ws: &mut Ws, topics: &[&str]) -> Result<Vec<String>, Value> {
 async fn instance_tokens_bind_ids_and_topics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let server = start(dir.path(), &repo, "", &auth_toml()).await;
+    let server = start_secured(dir.path(), &repo, "", &auth_toml()).await;
 
     assert_eq!(ws(&server, None).await.err(), Some(401), "no credential");
     assert_eq!(ws(&server, Some("guess")).await.err(), Some(401));
@@ -233,7 +158,7 @@ async fn instance_tokens_bind_ids_and_topics() {
 async fn another_credential_cannot_take_over_a_connected_instance() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let server = start(dir.path(), &repo, "", &auth_toml()).await;
+    let server = start_secured(dir.path(), &repo, "", &auth_toml()).await;
 
     let mut owner = ws(&server, Some(PAYMENTS_TOKEN)).await.expect("owner");
     assert_eq!(hello(&mut owner, "payments-1").await["type"], "welcome");
@@ -274,7 +199,7 @@ async fn jwts_are_checked_for_key_expiry_and_scope() {
         "[auth.jwt]\nhs256_secret_file = \"{}\"\nissuer = \"orchestrator\"\n",
         secret_file.display()
     );
-    let server = start(dir.path(), &repo, "", &top).await;
+    let server = start_secured(dir.path(), &repo, "", &top).await;
     let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).expect("key");
     let hs = jsonwebtoken::Algorithm::HS256;
     let claims = |exp: u64| json!({"sub": "web-*", "topics": ["payments"], "exp": exp, "iss": "orchestrator"});
@@ -357,7 +282,7 @@ async fn eddsa_jwts_verify_with_a_public_key_file() {
         "[auth.jwt]\neddsa_public_key_file = \"{}\"\n",
         public.display()
     );
-    let server = start(dir.path(), &repo, "", &top).await;
+    let server = start_secured(dir.path(), &repo, "", &top).await;
 
     let key = jsonwebtoken::EncodingKey::from_ed_pem(pair.serialize_pem().as_bytes())
         .expect("private key");
@@ -385,7 +310,7 @@ async fn eddsa_jwts_verify_with_a_public_key_file() {
 async fn the_api_needs_read_and_writes_need_admin() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let server = start(dir.path(), &repo, "", &auth_toml()).await;
+    let server = start_secured(dir.path(), &repo, "", &auth_toml()).await;
     let get = |token: Option<&'static str>| {
         let mut req = server.http.get(server.url("/api/v1/topics"));
         if let Some(t) = token {
@@ -466,7 +391,7 @@ async fn hello_deadline_and_per_connection_caps() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
     let top = "[limits]\nhello_timeout_secs = 1\nmax_subscriptions = 2\nmax_labels = 2\n";
-    let server = start(dir.path(), &repo, "", top).await;
+    let server = start_secured(dir.path(), &repo, "", top).await;
 
     let mut silent = ws(&server, None).await.expect("connect");
     let started = std::time::Instant::now();
@@ -521,7 +446,7 @@ async fn webhook_bodies_have_a_budget_and_a_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
     let top = "[limits]\nwebhook_bytes_in_flight = 3000\nbody_read_timeout_secs = 2\n";
-    let server = start(dir.path(), &repo, "max_body_bytes = 2000", top).await;
+    let server = start_secured(dir.path(), &repo, "max_body_bytes = 2000", top).await;
 
     // A sender that announces 2000 bytes and stalls holds 2000 of the 3000.
     let mut staller = tokio::net::TcpStream::connect(server.addr)
@@ -585,7 +510,7 @@ async fn slow_request_heads_are_cut_off_and_connections_are_capped() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
     let top = "[limits]\nheader_read_timeout_secs = 1\nmax_connections = 3\n";
-    let server = start(dir.path(), &repo, "", top).await;
+    let server = start_secured(dir.path(), &repo, "", top).await;
 
     // One header byte at a time never completes a head: closed at the deadline.
     let mut slow = tokio::net::TcpStream::connect(server.addr)
@@ -804,7 +729,7 @@ async fn a_jwt_connection_ends_when_the_token_expires() {
         "[auth.jwt]\nhs256_secret_file = \"{}\"\nleeway_secs = 0\n",
         secret_file.display()
     );
-    let server = start(dir.path(), &repo, "", &top).await;
+    let server = start_secured(dir.path(), &repo, "", &top).await;
     let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).expect("key");
     let token = jwt(
         json!({"sub": "web-1", "topics": ["*"], "exp": now() + 3}),

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use confcast::protocol::{decode_content, AckStatus, Change, FileStatus, ServerMessage};
 use confcast::store::{
-    self, AckRejection, ChangedFile, Rejection, Store, SyncOutcome, TopicChange,
+    self, AckRejection, AuditEntry, AuditQuery, ChangedFile, Rejection, Store, SyncOutcome,
+    TopicChange,
 };
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{oneshot, Notify};
@@ -768,6 +769,59 @@ mod contract {
         store.check().await.expect("still healthy after a publish");
     }
 
+    pub async fn the_audit_log_keeps_the_newest_and_filters_by_action(store: Arc<dyn Store>) {
+        let entry = |action: &str, n: i64| AuditEntry {
+            at_ms: 1_000 + n,
+            actor: "operator".into(),
+            action: action.into(),
+            target: format!("t{n}"),
+            outcome: "ok".into(),
+            detail: serde_json::json!({ "n": n, "why": "a reason with 'quotes' and ünïcode" }),
+        };
+        let mut ids = Vec::new();
+        for n in 0..6 {
+            let action = if n % 2 == 0 { "pin" } else { "sync" };
+            ids.push(
+                store
+                    .record_audit(&entry(action, n), 4)
+                    .await
+                    .expect("record"),
+            );
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let all = store
+            .audit(&AuditQuery {
+                limit: 100,
+                ..AuditQuery::default()
+            })
+            .await
+            .expect("audit");
+        // The four newest, newest first, exactly as written.
+        let targets: Vec<&str> = all.iter().map(|r| r.entry.target.as_str()).collect();
+        assert_eq!(targets, ["t5", "t4", "t3", "t2"]);
+        assert_eq!(all[0].entry, entry("sync", 5));
+        let pins = store
+            .audit(&AuditQuery {
+                action: Some("pin".into()),
+                limit: 100,
+                ..AuditQuery::default()
+            })
+            .await
+            .expect("audit pins");
+        let targets: Vec<&str> = pins.iter().map(|r| r.entry.target.as_str()).collect();
+        assert_eq!(targets, ["t4", "t2"]);
+        let older = store
+            .audit(&AuditQuery {
+                before: Some(all[1].id),
+                limit: 1,
+                ..AuditQuery::default()
+            })
+            .await
+            .expect("audit page");
+        assert_eq!(older.len(), 1);
+        assert_eq!(older[0].entry.target, "t3");
+    }
+
     pub async fn lock_repo_lets_one_holder_at_a_time(store: Arc<dyn Store>) {
         let held = store.lock_repo("cfg").await.expect("lock_repo");
         let mut waiting = lock_in_background(&store, "cfg");
@@ -942,6 +996,7 @@ on_every_store!(
     lock_repo_lets_one_holder_at_a_time,
     expire_instances_forgets_long_disconnected_ones_with_their_acks,
     check_passes_on_a_healthy_store,
+    the_audit_log_keeps_the_newest_and_filters_by_action,
 );
 
 fn now_ms() -> i64 {

@@ -9,14 +9,14 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::{bearer, App, AppError, AppState};
+use crate::app::{bearer, App, AppError, AppState, Caller};
 use crate::config::ApiScope;
 use crate::protocol::{topic_matches, AckStatus};
-use crate::store::{AckRecord, InstanceRecord};
+use crate::store::{AckRecord, AuditQuery, InstanceRecord};
 use crate::sync::STUCK_AFTER;
 
 pub fn router(app: AppState) -> Router {
@@ -32,6 +32,7 @@ pub fn router(app: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(app.clone(), require_read));
     let admin = Router::new()
         .route("/api/v1/repos/{name}/sync", post(force_sync))
+        .route("/api/v1/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     Router::new()
         .route("/webhooks/{repo}", post(crate::webhook::handle))
@@ -63,19 +64,27 @@ async fn require_admin(
 async fn require(
     app: &App,
     need: ApiScope,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, AppError> {
     // API tokens travel in the header only: a query string ends up in proxy logs.
-    let name = app
-        .auth
-        .api(bearer(request.headers(), None), need)
-        .inspect_err(|e| {
+    let name = match app.auth.api(bearer(request.headers(), None), need) {
+        Ok(name) => name,
+        Err(e) => {
             tracing::info!(path = %request.uri().path(), error = %e, "API request refused");
-        })?;
+            let peer = request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0);
+            let what = format!("{} {}", request.method(), request.uri().path());
+            app.audit_refusal(peer, &what, &e.to_string()).await;
+            return Err(e.into());
+        }
+    };
     if need == ApiScope::Admin {
         tracing::info!(credential = %name, method = %request.method(), path = %request.uri().path(), "admin request");
     }
+    request.extensions_mut().insert(Caller(name.to_string()));
     Ok(next.run(request).await)
 }
 
@@ -332,8 +341,15 @@ async fn repos(State(app): State<AppState>) -> Result<Json<serde_json::Value>, A
 
 async fn force_sync(
     State(app): State<AppState>,
+    Extension(Caller(caller)): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Response, AppError> {
+    if app.config.repo(&name).is_none() {
+        return Err(AppError::NotFound(format!(
+            "no repo named `{name}` is configured"
+        )));
+    }
+    app.audit(&caller, "sync", &name, json!({})).await?;
     if app.syncers.trigger(&name) {
         Ok((
             StatusCode::ACCEPTED,
@@ -345,4 +361,28 @@ async fn force_sync(
             "no repo named `{name}` is configured"
         )))
     }
+}
+
+/// Most audit entries one request returns.
+const AUDIT_PAGE_MAX: u32 = 1000;
+
+#[derive(Deserialize)]
+struct AuditParams {
+    limit: Option<u32>,
+    before: Option<u64>,
+    action: Option<String>,
+}
+
+/// `GET /api/v1/audit`: newest first; `before` pages back (the last entry's `id`).
+async fn audit(
+    State(app): State<AppState>,
+    Query(q): Query<AuditParams>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let query = AuditQuery {
+        before: q.before,
+        action: q.action.filter(|a| !a.is_empty()),
+        limit: q.limit.unwrap_or(100).clamp(1, AUDIT_PAGE_MAX),
+    };
+    let entries = app.store.audit(&query).await?;
+    Ok(Json(json!({ "entries": entries })))
 }

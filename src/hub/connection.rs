@@ -16,7 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::Frame;
-use crate::app::{bearer, AppError, AppState};
+use crate::app::{bearer, AppError, AppState, Peer};
 use crate::auth::InstanceGrant;
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
 use crate::store::AckRejection;
@@ -26,14 +26,22 @@ use crate::store::AckRejection;
 /// decides which instance ids the connection may claim and which topics it may read.
 pub async fn upgrade(
     State(app): State<AppState>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
-    let grant = app
+    let grant = match app
         .auth
         .instance(bearer(&headers, query.get("token").map(String::as_str)))
-        .inspect_err(|e| tracing::info!(error = %e, "websocket credential refused"))?;
+    {
+        Ok(grant) => grant,
+        Err(e) => {
+            tracing::info!(error = %e, "websocket credential refused");
+            app.audit_refusal(peer, "GET /ws", &e.to_string()).await;
+            return Err(e.into());
+        }
+    };
     let limits = &app.config.limits;
     let max_frame = usize::try_from(limits.max_frame_bytes()).unwrap_or(usize::MAX);
     Ok(ws

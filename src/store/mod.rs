@@ -171,6 +171,38 @@ pub struct RepoRecord {
     pub synced_at_ms: i64,
 }
 
+/// One line of the audit log: who did (or tried) what to what.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub at_ms: i64,
+    /// The API token's name, `instance:<id>`, `anonymous`, or for a refused credential the peer
+    /// address it came from.
+    pub actor: String,
+    /// What was asked: `sync`, `command`, `rollback`, `pin`, `unpin`, `credential_refused`, ...
+    pub action: String,
+    /// What it was asked of: a repo, a topic, a command id, an endpoint.
+    pub target: String,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: String,
+    /// What else the action carried (a reason, a version), as JSON.
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditRecord {
+    pub id: u64,
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+}
+
+/// A page of the audit log: entries with `id < before`, of one `action` if given.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub before: Option<u64>,
+    pub action: Option<String>,
+    pub limit: u32,
+}
+
 /// Why an ack was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AckRejection {
@@ -265,6 +297,11 @@ pub trait Store: Send + Sync + 'static {
     /// Applies retention: keeps at most `max_events` most recent events (0 = any number) and none
     /// older than `max_age_ms` (0 = any age). Returns how many were removed. Topic state stays.
     async fn trim(&self, max_events: u64, max_age_ms: i64) -> Result<u64, StoreError>;
+
+    /// Appends one entry to the audit log, keeping the newest `keep` (0 = all); returns its id.
+    async fn record_audit(&self, entry: &AuditEntry, keep: u64) -> Result<u64, StoreError>;
+    /// Audit entries, newest first.
+    async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// Waits until this replica may sync `repo`: at most one replica (and one task) syncs a repo
     /// at a time. The returned guard holds the right until dropped; a replica that dies loses it.

@@ -26,9 +26,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    log_entry, now_ms, AckRecord, AckRejection, HistoryEntry, HistoryFile, InstanceRecord,
-    LogEntry, LoggedEvent, Rejection, RepoLock, RepoRecord, Store, StoreError, SyncOutcome,
-    TopicSummary,
+    log_entry, now_ms, AckRecord, AckRejection, AuditEntry, AuditQuery, AuditRecord, HistoryEntry,
+    HistoryFile, InstanceRecord, LogEntry, LoggedEvent, Rejection, RepoLock, RepoRecord, Store,
+    StoreError, SyncOutcome, TopicSummary,
 };
 use crate::protocol::{AckStatus, Change, FileStatus, Snapshot, SnapshotFile};
 
@@ -85,6 +85,20 @@ CREATE TABLE rejections (
     r#"
 CREATE TABLE log_meta (id INTEGER PRIMARY KEY CHECK (id = 1), epoch TEXT NOT NULL);
 INSERT INTO log_meta (id, epoch) VALUES (1, {random_id});
+"#,
+    // The audit log (see `Store::record_audit`): every write through the API and every refused
+    // credential, newest kept.
+    r#"
+CREATE TABLE audit (
+    id {serial},
+    at_ms {int} NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX audit_by_action ON audit (action, id);
 "#,
 ];
 
@@ -808,6 +822,60 @@ where
                 .rows();
         }
         Ok(removed)
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry, keep: u64) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO audit (at_ms, actor, action, target, outcome, detail)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(entry.at_ms)
+        .bind(entry.actor.as_str())
+        .bind(entry.action.as_str())
+        .bind(entry.target.as_str())
+        .bind(entry.outcome.as_str())
+        .bind(entry.detail.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        let id = u64_at(&row, "id")?;
+        if keep > 0 && id > keep {
+            // Ids can skip (rolled-back inserts), so this keeps at most, not exactly, `keep`.
+            sqlx::query("DELETE FROM audit WHERE id <= $1")
+                .bind(to_i64(id - keep))
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(id)
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at_ms, actor, action, target, outcome, detail FROM audit
+             WHERE id < $1 AND ($2 = '' OR action = $2)
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(to_i64(query.before.unwrap_or(u64::MAX)))
+        .bind(query.action.as_deref().unwrap_or(""))
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let detail: String = row.try_get("detail")?;
+                Ok(AuditRecord {
+                    id: u64_at(row, "id")?,
+                    entry: AuditEntry {
+                        at_ms: row.try_get("at_ms")?,
+                        actor: row.try_get("actor")?,
+                        action: row.try_get("action")?,
+                        target: row.try_get("target")?,
+                        outcome: row.try_get("outcome")?,
+                        detail: serde_json::from_str(&detail)
+                            .unwrap_or(serde_json::Value::String(detail)),
+                    },
+                })
+            })
+            .collect()
     }
 
     async fn lock_repo(&self, repo: &str) -> Result<RepoLock, StoreError> {

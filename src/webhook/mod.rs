@@ -19,7 +19,7 @@ use axum::Json;
 use hmac::{Hmac, Mac};
 use serde_json::json;
 
-use crate::app::{AppError, AppState};
+use crate::app::{AppError, AppState, Peer};
 use crate::config::{HmacAlgorithm, Provider, Secret, WebhookConfig};
 
 /// One ref a push moved.
@@ -300,6 +300,7 @@ async fn read_bounded_body(
 pub async fn handle(
     State(app): State<AppState>,
     Path(repo): Path<String>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
@@ -316,16 +317,21 @@ pub async fn handle(
         &repo_config.webhook,
         &repo_config.webhook_secrets,
         now,
-    )
-    .map_err(|e| match e {
-        WebhookError::Malformed(m) => {
-            AppError::BadRequest(format!("malformed payload (signature was valid): {m}"))
+    );
+    let delivery = match delivery {
+        Ok(delivery) => delivery,
+        Err(WebhookError::Malformed(m)) => {
+            return Err(AppError::BadRequest(format!(
+                "malformed payload (signature was valid): {m}"
+            )))
         }
-        other => {
+        Err(other) => {
             tracing::warn!(repo = %repo, error = %other, "webhook refused");
-            AppError::Unauthorized(other.to_string())
+            app.audit_refusal(peer, &format!("POST /webhooks/{repo}"), &other.to_string())
+                .await;
+            return Err(AppError::Unauthorized(other.to_string()));
         }
-    })?;
+    };
     // The id header is outside most forges' signatures: a captured delivery replayed with huge
     // ids would otherwise grow the store by every byte of them. Refused before it is stored or
     // logged.

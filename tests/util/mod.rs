@@ -658,3 +658,87 @@ impl Drop for PgDatabase {
             .status();
     }
 }
+
+// ---- a server with credentials: scoped instance tokens and API tokens ----------------------
+
+/// May claim `payments-*` and read the topic `payments` only.
+pub const PAYMENTS_TOKEN: &str = "payments-instance-token-0123456789";
+pub const OPS_TOKEN: &str = "ops-instance-token-0123456789abcdef";
+pub const READ_TOKEN: &str = "api-read-token-0123456789abcdef";
+pub const ADMIN_TOKEN: &str = "api-admin-token-0123456789abcdef";
+
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// `[auth]` with a payments-only instance token, an ops token for everything, and API tokens.
+pub fn auth_toml() -> String {
+    format!(
+        r#"
+[[auth.instance_tokens]]
+name = "payments"
+token_sha256 = "{}"
+instances = "payments-*"
+topics = ["payments"]
+
+[[auth.instance_tokens]]
+name = "ops"
+token_sha256 = "{}"
+
+[[auth.api_tokens]]
+name = "dashboard"
+token_sha256 = "{}"
+scope = "read"
+
+[[auth.api_tokens]]
+name = "operator"
+token_sha256 = "{}"
+scope = "admin"
+"#,
+        sha256_hex(PAYMENTS_TOKEN),
+        sha256_hex(OPS_TOKEN),
+        sha256_hex(READ_TOKEN),
+        sha256_hex(ADMIN_TOKEN)
+    )
+}
+
+/// Starts a server on `repo` with `[server]` lines and top-level TOML (`[auth]`, `[limits]`).
+pub async fn start_secured(
+    dir: &std::path::Path,
+    repo: &ConfigRepo,
+    server: &str,
+    top: &str,
+) -> TestServer {
+    let data_dir = dir.join("data");
+    let toml = format!(
+        "{top}\n[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
+        data_dir.display(),
+        repo.url()
+    );
+    let server = TestServer::start_toml(data_dir, toml).await;
+    wait_synced(&server).await;
+    server
+}
+
+/// Waits for the first sync, asking with a read credential (ignored where the API is open).
+pub async fn wait_synced(server: &TestServer) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let reply = server
+                .http
+                .get(server.url("/api/v1/repos"))
+                .bearer_auth(READ_TOKEN)
+                .send()
+                .await
+                .expect("GET");
+            let v: Value = reply.json().await.unwrap_or(Value::Null);
+            if v["repos"][0]["syncs"].as_u64().unwrap_or(0) >= 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("synced in time");
+}
