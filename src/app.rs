@@ -69,16 +69,16 @@ impl App {
         Ok(())
     }
 
-    /// Records a refused credential (`what` is the endpoint or message, `reason` the refusal),
+    /// Records a refused credential (`actor` is where it came from: [`Peer::actor`] or the
+    /// credential's name, `what` the endpoint or message, `reason` the refusal),
     /// within `limits.audit_refusals_per_minute`; beyond it refusals are counted and the count
     /// is recorded with the next one recorded. Never fails the request: a refusal is answered
     /// whatever the audit log does.
-    pub async fn audit_refusal(&self, peer: Option<SocketAddr>, what: &str, reason: &str) {
+    pub async fn audit_refusal(&self, actor: &str, what: &str, reason: &str) {
         let now = crate::store::now_ms();
         let (record, summary) = self
             .refusals
             .take(now, self.config.limits.audit_refusals_per_minute);
-        let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.ip().to_string());
         let mut entries = Vec::new();
         if let Some((minute_ms, count)) = summary {
             entries.push(AuditEntry {
@@ -97,7 +97,7 @@ impl App {
         if record {
             entries.push(AuditEntry {
                 at_ms: now,
-                actor: peer,
+                actor: actor.to_string(),
                 action: "credential_refused".into(),
                 target: what.to_string(),
                 outcome: "refused".into(),
@@ -119,6 +119,14 @@ impl App {
 /// The address a request came from (the proxy's, behind one), when the listener put it there.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub Option<SocketAddr>);
+
+impl Peer {
+    /// The peer's IP address, as the audit log's actor of a refused credential.
+    pub fn actor(&self) -> String {
+        self.0
+            .map_or_else(|| "unknown".to_string(), |p| p.ip().to_string())
+    }
+}
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
     type Rejection = std::convert::Infallible;

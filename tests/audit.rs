@@ -4,7 +4,9 @@
 
 mod util;
 
+use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
 use util::*;
 
 /// `GET /api/v1/audit` with `token`, as (status, body).
@@ -106,6 +108,25 @@ async fn refused_credentials_are_recorded_everywhere_without_the_secret() {
     }
     let (status, _) = server.github_push("main", &"1".repeat(40), guess).await;
     assert_eq!(status, 401);
+    // A valid credential claiming an instance id outside its pattern.
+    let url = format!("{}?token={PAYMENTS_TOKEN}", server.ws_url());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let hello = serde_json::json!({"type": "hello", "instance": "billing-1"});
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .expect("send hello");
+    loop {
+        let frame = ws.next().await.expect("an answer").expect("frame");
+        if let Message::Text(text) = frame {
+            let v: Value = serde_json::from_str(&text).expect("json");
+            if v["type"] == "error" {
+                assert_eq!(v["code"], "forbidden", "{v}");
+                break;
+            }
+        }
+    }
 
     let (status, body) = audit(&server, ADMIN_TOKEN, "?action=credential_refused").await;
     assert_eq!(status, 200);
@@ -113,12 +134,22 @@ async fn refused_credentials_are_recorded_everywhere_without_the_secret() {
         .iter()
         .map(|e| e["target"].as_str().unwrap_or_default().to_string())
         .collect();
-    for want in ["GET /api/v1/topics", "GET /ws", "POST /webhooks/cfg"] {
+    for want in [
+        "GET /api/v1/topics",
+        "GET /ws",
+        "POST /webhooks/cfg",
+        "hello billing-1",
+    ] {
         assert!(targets.iter().any(|t| t == want), "{want} in {targets:?}");
     }
     for e in entries(&body) {
         assert_eq!(e["outcome"], "refused");
-        assert_eq!(e["actor"], "127.0.0.1", "{e}");
+        let actor = if e["target"] == "hello billing-1" {
+            "token:payments"
+        } else {
+            "127.0.0.1"
+        };
+        assert_eq!(e["actor"], actor, "{e}");
         assert!(e["detail"]["reason"].is_string(), "{e}");
     }
     assert!(

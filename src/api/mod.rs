@@ -13,7 +13,7 @@ use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::{bearer, App, AppError, AppState, Caller};
+use crate::app::{bearer, App, AppError, AppState, Caller, Peer};
 use crate::config::ApiScope;
 use crate::protocol::{topic_matches, AckStatus};
 use crate::store::{AckRecord, AuditQuery, InstanceRecord};
@@ -72,12 +72,15 @@ async fn require(
         Ok(name) => name,
         Err(e) => {
             tracing::info!(path = %request.uri().path(), error = %e, "API request refused");
-            let peer = request
-                .extensions()
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0);
+            let peer = Peer(
+                request
+                    .extensions()
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .map(|c| c.0),
+            );
             let what = format!("{} {}", request.method(), request.uri().path());
-            app.audit_refusal(peer, &what, &e.to_string()).await;
+            app.audit_refusal(&peer.actor(), &what, &e.to_string())
+                .await;
             return Err(e.into());
         }
     };

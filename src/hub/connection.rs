@@ -26,7 +26,7 @@ use crate::store::AckRejection;
 /// decides which instance ids the connection may claim and which topics it may read.
 pub async fn upgrade(
     State(app): State<AppState>,
-    Peer(peer): Peer,
+    peer: Peer,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
@@ -38,7 +38,8 @@ pub async fn upgrade(
         Ok(grant) => grant,
         Err(e) => {
             tracing::info!(error = %e, "websocket credential refused");
-            app.audit_refusal(peer, "GET /ws", &e.to_string()).await;
+            app.audit_refusal(&peer.actor(), "GET /ws", &e.to_string())
+                .await;
             return Err(e.into());
         }
     };
@@ -359,15 +360,19 @@ impl Connection {
         }
         if !self.grant.may_claim(&instance) {
             tracing::info!(credential = %self.grant.credential, "instance id outside the credential's pattern refused");
-            return self
-                .error(
-                    error_code::FORBIDDEN,
-                    format!(
-                        "this credential may not claim instance `{instance}` (allowed: `{}`)",
-                        self.grant.instances.as_str()
-                    ),
+            let message = format!(
+                "this credential may not claim instance `{instance}` (allowed: `{}`)",
+                self.grant.instances.as_str()
+            );
+            // The credential's name (`token:<name>`, `jwt:<sub>`): it was valid, its use was not.
+            self.app
+                .audit_refusal(
+                    &self.grant.credential,
+                    &format!("hello {instance}"),
+                    &message,
                 )
                 .await;
+            return self.error(error_code::FORBIDDEN, message).await;
         }
         // Read before anything is registered: a failure leaves the connection as it was.
         let epoch = match self.app.store.epoch().await {

@@ -300,7 +300,7 @@ async fn read_bounded_body(
 pub async fn handle(
     State(app): State<AppState>,
     Path(repo): Path<String>,
-    Peer(peer): Peer,
+    peer: Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AppError> {
@@ -327,8 +327,12 @@ pub async fn handle(
         }
         Err(other) => {
             tracing::warn!(repo = %repo, error = %other, "webhook refused");
-            app.audit_refusal(peer, &format!("POST /webhooks/{repo}"), &other.to_string())
-                .await;
+            app.audit_refusal(
+                &peer.actor(),
+                &format!("POST /webhooks/{repo}"),
+                &other.to_string(),
+            )
+            .await;
             return Err(AppError::Unauthorized(other.to_string()));
         }
     };
