@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -19,30 +18,63 @@ use crate::protocol::{topic_matches, AckStatus};
 use crate::store::{AckRecord, AuditQuery, InstanceRecord};
 use crate::sync::STUCK_AFTER;
 
+pub mod routes;
+
+use routes::{Credential, Routes};
+
+/// The whole HTTP surface. Every route names its credential here; the API ones are checked by
+/// [`require_read`] / [`require_admin`] before the handler runs. Webhooks carry their own
+/// signatures, `/ws` its instance credential, and the probes stay open for load balancers and
+/// orchestrators.
+fn routes(app: Option<AppState>) -> Routes {
+    use axum::http::Method;
+    use Credential::{Admin, Instance, Open, Read, WebhookSignature};
+    Routes::new(app)
+        .add(
+            Method::POST,
+            "/webhooks/{repo}",
+            WebhookSignature,
+            crate::webhook::handle,
+        )
+        .add(
+            Method::GET,
+            "/ws",
+            Instance,
+            crate::hub::connection::upgrade,
+        )
+        .add(Method::GET, "/api/v1/topics", Read, topics)
+        .add(Method::GET, "/api/v1/topics/{*topic}", Read, topic)
+        .add(Method::GET, "/api/v1/instances", Read, instances)
+        .add(Method::GET, "/api/v1/instances/{id}", Read, instance)
+        .add(Method::GET, "/api/v1/repos", Read, repos)
+        .add(Method::POST, "/api/v1/repos/{name}/sync", Admin, force_sync)
+        .add(Method::GET, "/api/v1/audit", Admin, audit)
+        .add(Method::GET, "/api/v1/openapi.json", Open, openapi)
+        .add(Method::GET, "/healthz", Open, healthz)
+        .add(Method::GET, "/readyz", Open, readyz)
+}
+
 pub fn router(app: AppState) -> Router {
-    // The query API needs a `read` credential, its writes an `admin` one (when API tokens are
-    // configured). Webhooks carry their own signatures, `/ws` its instance credential, and the
-    // probes stay open for load balancers and orchestrators.
-    let read = Router::new()
-        .route("/api/v1/topics", get(topics))
-        .route("/api/v1/topics/{*topic}", get(topic))
-        .route("/api/v1/instances", get(instances))
-        .route("/api/v1/instances/{id}", get(instance))
-        .route("/api/v1/repos", get(repos))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_read));
-    let admin = Router::new()
-        .route("/api/v1/repos/{name}/sync", post(force_sync))
-        .route("/api/v1/audit", get(audit))
-        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
-    Router::new()
-        .route("/webhooks/{repo}", post(crate::webhook::handle))
-        .route("/ws", get(crate::hub::connection::upgrade))
-        .merge(read)
-        .merge(admin)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    routes(Some(app.clone()))
+        .into_router()
         .fallback(|| async { AppError::NotFound("no such endpoint; see docs/API.md".into()) })
         .with_state(app)
+}
+
+/// Every route with its method and credential, as the router serves them (for the OpenAPI check).
+pub fn route_table() -> Vec<routes::RouteInfo> {
+    routes(None).table()
+}
+
+/// The OpenAPI description, as written in `src/api/openapi.json` (checked against the routes).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
 }
 
 async fn require_read(
