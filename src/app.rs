@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};
 use crate::sync::Syncers;
+use crate::telemetry::Metrics;
 
 pub type AppState = Arc<App>;
 
@@ -35,6 +36,8 @@ pub struct App {
     pub auth: Authenticator,
     /// Webhook body bytes that may be in flight at once (`limits.webhook_bytes_in_flight`).
     pub webhook_bytes: Arc<Semaphore>,
+    /// What `/metrics` shows; this server's own registry.
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,8 @@ use crate::protocol::{topic_matches, AckStatus};
 use crate::store::{AckRecord, InstanceRecord};
 use crate::sync::STUCK_AFTER;
 
+mod metrics;
+
 pub fn router(app: AppState) -> Router {
     // The query API needs a `read` credential, its writes an `admin` one (when API tokens are
     // configured). Webhooks carry their own signatures, `/ws` its instance credential, and the
@@ -29,12 +31,19 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/instances", get(instances))
         .route("/api/v1/instances/{id}", get(instance))
         .route("/api/v1/repos", get(repos))
+        .route("/metrics", get(metrics::scrape))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_read));
     let admin = Router::new()
         .route("/api/v1/repos/{name}/sync", post(force_sync))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     Router::new()
-        .route("/webhooks/{repo}", post(crate::webhook::handle))
+        .route(
+            "/webhooks/{repo}",
+            post(crate::webhook::handle).route_layer(middleware::from_fn_with_state(
+                app.clone(),
+                metrics::count_webhook,
+            )),
+        )
         .route("/ws", get(crate::hub::connection::upgrade))
         .merge(read)
         .merge(admin)
