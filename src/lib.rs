@@ -17,7 +17,8 @@
 //! 1. `api::router`, which mounts the handlers;
 //! 2. the handlers: `api`'s query handlers, `webhook::handle`, `hub::connection` (the `/ws` handler);
 //! 3. [`app`]: `App` and `AppError`;
-//! 4. `sync` → `hub` (the fan-out core: `Hub`, `Frame`) → `store` → `protocol`, `config`.
+//! 4. `sync` → `hub` (the fan-out core: `Hub`, `Frame`) → `telemetry` → `store` → `protocol`,
+//!    `config`.
 //! - [`protocol`]: the wire messages shared with [`client`], the embeddable client.
 //! - [`agent`]: `confcast agent`, files on disk plus a reload command, built on the client.
 //!

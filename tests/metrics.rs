@@ -352,6 +352,48 @@ async fn metrics_need_a_read_token_when_api_tokens_are_configured() {
     assert!(!body.contains("confcast_"), "nothing leaks: {body}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_clients_choose_never_becomes_a_label() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start(dir.path(), &repo, &auth_toml()).await;
+    wait_synced(&server, 1).await;
+    let series = |m: &Exposition| m.samples().count();
+    let before = metrics(&server).await;
+    // Webhooks for repos that do not exist, with and without a forge's header, and instances
+    // with ids, apps and patterns of their own choosing.
+    for n in 0..20 {
+        let url = server.url(&format!("/webhooks/repo-{n}"));
+        let forged = server.http.post(&url).header("x-github-event", "push");
+        assert_eq!(forged.body("{}").send().await.expect("POST").status(), 404);
+        let bare = server.http.post(&url).header(format!("x-event-{n}"), "x");
+        assert_eq!(bare.body("{}").send().await.expect("POST").status(), 404);
+    }
+    let mut instances = Vec::new();
+    for n in 0..5 {
+        let name = format!("label-{n}-\u{1f600}\"quoted\"");
+        let (i, _) = Instance::subscribed(&server, &name, &[&format!("topic-{n}/*")]).await;
+        instances.push(i);
+    }
+    let after = metrics(&server).await;
+    let unknown_repo = |provider| {
+        after.get(
+            "confcast_webhooks_total",
+            &[("provider", provider), ("outcome", "unknown_repo")],
+        )
+    };
+    assert_eq!(unknown_repo("github"), 20.0);
+    assert_eq!(unknown_repo("unknown"), 20.0);
+    assert_eq!(after.get("confcast_connected_instances", &[]), 5.0);
+    assert_eq!(
+        series(&after),
+        series(&before) + 2,
+        "only the two webhook series are new"
+    );
+    let body = scrape(&server, Some(READ_TOKEN), None).await.2;
+    assert!(!body.contains("label-") && !body.contains("topic-") && !body.contains("repo-"));
+}
+
 /// Every metric name in `expr` (PromQL): the words starting `confcast_` or `process_`.
 fn metric_names(expr: &str) -> BTreeSet<String> {
     expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
