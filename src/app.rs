@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::store::{AuditEntry, Store, StoreError};
 use crate::sync::Syncers;
+use crate::telemetry::Metrics;
 
 pub type AppState = Arc<App>;
 
@@ -38,6 +39,8 @@ pub struct App {
     pub webhook_bytes: Arc<Semaphore>,
     /// How many refused credentials this minute were recorded in the audit log.
     pub refusals: RefusalBudget,
+    /// What `/metrics` shows; this server's own registry.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Who made an API request: the API token's name, or `anonymous` when the API is open. The

@@ -10,13 +10,15 @@
 //! - [`hub`]: reads the log in order and fans each change out as one shared frame; runs each
 //!   instance's WebSocket ([`hub::connection`]).
 //! - [`app`]: the shared state and the one error type, below every handler.
+//! - [`telemetry`]: every Prometheus metric, one registry per served `App` (`GET /metrics`).
 //! - [`api`]: on top: the router (webhooks, `/ws`, the JSON query API, health probes).
 //!
 //! Layers point one way, each using only those below it:
 //! 1. `api::router`, which mounts the handlers;
 //! 2. the handlers: `api`'s query handlers, `webhook::handle`, `hub::connection` (the `/ws` handler);
 //! 3. [`app`]: `App` and `AppError`;
-//! 4. `sync` → `hub` (the fan-out core: `Hub`, `Frame`) → `store` → `protocol`, `config`.
+//! 4. `sync` → `hub` (the fan-out core: `Hub`, `Frame`) → `telemetry` → `store` → `protocol`,
+//!    `config`.
 //! - [`protocol`]: the wire messages shared with [`client`], the embeddable client.
 //! - [`agent`]: `confcast agent`, files on disk plus a reload command, built on the client.
 //!
@@ -49,6 +51,8 @@ pub mod store;
 #[cfg(feature = "server")]
 pub mod sync;
 #[cfg(feature = "server")]
+pub mod telemetry;
+#[cfg(feature = "server")]
 pub mod webhook;
 
 #[cfg(feature = "server")]
@@ -75,6 +79,7 @@ mod server {
     use crate::hub::Hub;
     use crate::store::{self, StoreError};
     use crate::sync::Syncers;
+    use crate::telemetry::Metrics;
 
     #[derive(Debug, thiserror::Error)]
     pub enum ServeError {
@@ -135,8 +140,13 @@ mod server {
             stop.cancel();
         });
         let tracker = TaskTracker::new();
+        let metrics = Metrics::new();
         let hub = Hub::new(config.server.connection_queue);
-        tracker.spawn(hub.clone().feed(store.clone(), token.clone()));
+        tracker.spawn(
+            hub.clone()
+                .feed(store.clone(), metrics.clone(), token.clone()),
+        );
+        tracker.spawn(metrics.clone().watch_rollouts(store.clone(), token.clone()));
         {
             let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
             tracker.spawn(async move { store.watch(wake, token).await });
@@ -149,7 +159,14 @@ mod server {
             data_dir.clone(),
             token.clone(),
         ));
-        let syncers = Syncers::start(&config, store.clone(), hub.clone(), &tracker, token.clone());
+        let syncers = Syncers::start(
+            &config,
+            store.clone(),
+            hub.clone(),
+            metrics.clone(),
+            &tracker,
+            token.clone(),
+        );
         // Git is the truth: bring the store up to the branches before the first instance is
         // answered, so none is shown what the store held before (a restored backup, a long stop).
         let synced = tokio::select! {
@@ -189,6 +206,7 @@ mod server {
             tracker: tracker.clone(),
             auth,
             refusals: Default::default(),
+            metrics,
         });
         crate::listener::accept(listener, router(app), tls, &limits, &tracker, token.clone()).await;
         token.cancel();

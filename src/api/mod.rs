@@ -18,6 +18,7 @@ use crate::protocol::{topic_matches, AckStatus};
 use crate::store::{AckRecord, AuditQuery, InstanceRecord};
 use crate::sync::STUCK_AFTER;
 
+mod metrics;
 pub mod routes;
 
 use routes::{Credential, Routes};
@@ -30,11 +31,18 @@ fn routes(app: Option<AppState>) -> Routes {
     use axum::http::Method;
     use Credential::{Admin, Instance, Open, Read, WebhookSignature};
     Routes::new(app)
-        .add(
+        .add_layered(
             Method::POST,
             "/webhooks/{repo}",
             WebhookSignature,
             crate::webhook::handle,
+            // Counted by provider and outcome, whatever answered: the handler or an extractor.
+            |endpoint, app| {
+                endpoint.route_layer(axum::middleware::from_fn_with_state(
+                    app,
+                    metrics::count_webhook,
+                ))
+            },
         )
         .add(
             Method::GET,
@@ -47,6 +55,7 @@ fn routes(app: Option<AppState>) -> Routes {
         .add(Method::GET, "/api/v1/instances", Read, instances)
         .add(Method::GET, "/api/v1/instances/{id}", Read, instance)
         .add(Method::GET, "/api/v1/repos", Read, repos)
+        .add(Method::GET, "/metrics", Read, metrics::scrape)
         .add(Method::POST, "/api/v1/repos/{name}/sync", Admin, force_sync)
         .add(Method::GET, "/api/v1/audit", Admin, audit)
         .add(Method::GET, "/api/v1/openapi.json", Open, openapi)

@@ -5,7 +5,7 @@
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::middleware;
-use axum::routing::{on, MethodFilter};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use serde::Serialize;
 
@@ -56,11 +56,27 @@ impl Routes {
     /// Adds `handler` for `method` on `path`, behind the check `credential` needs (the API
     /// tokens here; the WebSocket and webhooks check theirs in their handlers).
     pub fn add<H, T>(
+        self,
+        method: Method,
+        path: &'static str,
+        credential: Credential,
+        handler: H,
+    ) -> Routes
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.add_layered(method, path, credential, handler, |endpoint, _| endpoint)
+    }
+
+    /// [`Routes::add`], with `layer` wrapped around the endpoint (outside the credential check).
+    pub fn add_layered<H, T>(
         mut self,
         method: Method,
         path: &'static str,
         credential: Credential,
         handler: H,
+        layer: impl FnOnce(MethodRouter<AppState>, AppState) -> MethodRouter<AppState>,
     ) -> Routes
     where
         H: Handler<T, AppState>,
@@ -91,6 +107,7 @@ impl Routes {
             )),
             Credential::Open | Credential::Instance | Credential::WebhookSignature => endpoint,
         };
+        let endpoint = layer(endpoint, app.clone());
         // A second method on a path already routed joins the first (axum merges them).
         self.router = self.router.route(path, endpoint);
         self

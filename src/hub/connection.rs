@@ -20,6 +20,7 @@ use crate::app::{bearer, AppError, AppState, Peer};
 use crate::auth::InstanceGrant;
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
 use crate::store::AckRejection;
+use crate::telemetry::{Closed, Delivery, StoreCall, SubscribeMode};
 
 /// `GET /ws`. When instance credentials are configured, the upgrade needs one, as
 /// `Authorization: Bearer <token>` or `?token=<token>` (for clients that cannot set headers); it
@@ -64,6 +65,8 @@ pub async fn upgrade(
 /// Why the server ends a connection.
 enum End {
     ClientGone,
+    /// The peer stopped reading: dropped without a close frame it would not read either.
+    Stalled,
     Close(u16, &'static str),
 }
 
@@ -107,6 +110,11 @@ impl Connection {
 
     async fn run(mut self) {
         let end = self.serve().await;
+        self.app.metrics.connection_closed(match end {
+            End::ClientGone => Closed::ClientGone,
+            End::Stalled => Closed::Stalled,
+            End::Close(code, _) => Closed::Code(code),
+        });
         if let End::Close(code, reason) = end {
             let frame = CloseFrame {
                 code,
@@ -122,6 +130,7 @@ impl Connection {
             }
         }
         if let Some(id) = &self.identity {
+            self.app.metrics.instance_disconnected();
             self.app.hub.release(&id.instance, id.connection);
             let conn = format!("{}/{}", self.app.node, id.connection);
             if let Err(e) = self
@@ -179,6 +188,7 @@ impl Connection {
                             if let Err(end) = self.write(Message::Text(frame.text.clone())).await {
                                 return end;
                             }
+                            self.app.metrics.delivered(Delivery::Live, 1);
                         }
                     }
                     Err(RecvError::Lagged(n)) => {
@@ -247,7 +257,7 @@ impl Connection {
             Ok(Err(_)) => Err(End::ClientGone),
             Err(_) => {
                 tracing::warn!(instance = ?self.identity.as_ref().map(|i| &i.instance), "peer stopped reading; dropped");
-                Err(End::ClientGone)
+                Err(End::Stalled)
             }
         }
     }
@@ -260,7 +270,7 @@ impl Connection {
             Ok(Err(_)) => Err(End::ClientGone),
             Err(_) => {
                 tracing::warn!(instance = ?self.identity.as_ref().map(|i| &i.instance), "peer sends pings but does not read; dropped");
-                Err(End::ClientGone)
+                Err(End::Stalled)
             }
         }
     }
@@ -414,6 +424,7 @@ impl Connection {
                 .await;
         }
         tracing::info!(%instance, app = app.as_deref().unwrap_or("-"), "instance connected");
+        self.app.metrics.instance_connected();
         self.identity = Some(Identity {
             instance: instance.clone(),
             connection,
@@ -539,13 +550,22 @@ impl Connection {
         reason: Option<String>,
         epoch: &str,
     ) -> Result<u64, Option<End>> {
-        let (head, snapshots) = self.app.store.snapshots(matches).await.map_err(|e| {
-            tracing::error!(error = %e, "snapshot read failed");
-            None
-        })?;
+        let read = self.app.store.snapshots(matches);
+        let metrics = self.app.metrics.clone();
+        let (head, snapshots) =
+            (metrics.time_store(StoreCall::Snapshots, read).await).map_err(|e| {
+                tracing::error!(error = %e, "snapshot read failed");
+                None
+            })?;
+        let sent = snapshots.len() as u64;
         for s in snapshots {
             self.send(&ServerMessage::Snapshot(s)).await.map_err(Some)?;
         }
+        metrics.delivered(Delivery::Snapshot, sent);
+        metrics.subscribed(match reason {
+            Some(_) => SubscribeMode::Resync,
+            None => SubscribeMode::Snapshot,
+        });
         let done = ServerMessage::Subscribed {
             topics: topics.to_vec(),
             seq: head,
@@ -621,14 +641,21 @@ impl Connection {
             .map(|a| a.topic)
             .collect();
         let unseen = |t: &str| matches(t) && !acked.contains(t);
-        let (snapshot_at, snapshots) = store.snapshots(&unseen).await.map_err(fail)?;
+        let metrics = self.app.metrics.clone();
+        let (snapshot_at, snapshots) = (metrics
+            .time_store(StoreCall::Snapshots, store.snapshots(&unseen))
+            .await)
+            .map_err(fail)?;
         let snapshotted: HashSet<String> = snapshots.iter().map(|s| s.topic.clone()).collect();
+        let sent = snapshots.len() as u64;
         for s in snapshots {
             self.send(&ServerMessage::Snapshot(s)).await.map_err(Some)?;
         }
+        metrics.delivered(Delivery::Snapshot, sent);
         let mut upto = since;
         loop {
-            let events = store.events_after(upto, 512).await.map_err(fail)?;
+            let read = store.events_after(upto, 512);
+            let events = (metrics.time_store(StoreCall::EventsAfter, read).await).map_err(fail)?;
             let Some(first) = events.first() else { break };
             if first.seq != upto + 1 {
                 // Retention removed events while we were replaying.
@@ -642,9 +669,11 @@ impl Connection {
                     self.write(Message::Text(e.frame.into()))
                         .await
                         .map_err(Some)?;
+                    metrics.delivered(Delivery::Replay, 1);
                 }
             }
         }
+        metrics.subscribed(SubscribeMode::Replay);
         let done = ServerMessage::Subscribed {
             topics: topics.to_vec(),
             seq: upto,
@@ -675,14 +704,17 @@ impl Connection {
         }
         let max = self.app.config.limits.max_ack_error_bytes;
         let error = error.map(|e| protocol::truncate_utf8(&e, max).to_string());
+        let record =
+            (self.app.store).record_ack(&instance, &topic, version, status, error.as_deref());
         match self
             .app
-            .store
-            .record_ack(&instance, &topic, version, status, error.as_deref())
+            .metrics
+            .time_store(StoreCall::RecordAck, record)
             .await
         {
             Ok(Ok(())) => {
                 tracing::info!(%instance, %topic, version, status = status.as_str(), "ack recorded");
+                self.app.metrics.ack(status, &topic);
                 self.send(&ServerMessage::AckRecorded { topic, version })
                     .await
                     .err()

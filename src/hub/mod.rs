@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
+use crate::telemetry::{Metrics, StoreCall};
 
 /// A change as it travels to connections: encoded once, the same bytes for every subscriber.
 #[derive(Debug)]
@@ -74,7 +75,12 @@ impl Hub {
     }
 
     /// Runs the feeder until `shutdown`: log order in, ring out.
-    pub async fn feed(self: Arc<Self>, store: Arc<dyn Store>, shutdown: CancellationToken) {
+    pub async fn feed(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) {
         let mut sent = match store.head_seq().await {
             Ok(seq) => seq,
             Err(e) => {
@@ -84,7 +90,8 @@ impl Hub {
         };
         loop {
             loop {
-                match store.events_after(sent, 512).await {
+                let read = store.events_after(sent, 512);
+                match metrics.time_store(StoreCall::EventsAfter, read).await {
                     Ok(events) if events.is_empty() => break,
                     Ok(events) => {
                         for e in events {

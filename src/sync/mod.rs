@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, LimitsConfig, RepoConfig, RetentionConfig};
 use crate::hub::Hub;
 use crate::store::{Rejection, Store, SyncOutcome};
+use crate::telemetry::{Metrics, StoreCall};
 
 /// Failed syncs in a row after which a repo counts as stuck rather than unlucky: one failure is
 /// often a blip (a forge restarting), three with backoff span about 6 s of retries.
@@ -62,6 +63,7 @@ impl Syncers {
         config: &Config,
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Syncers {
@@ -77,6 +79,7 @@ impl Syncers {
                 ..RepoStatus::default()
             }));
             wake.notify_one();
+            metrics.repo_configured(&repo.name);
             let job = Job {
                 repo: Arc::new(repo.clone()),
                 data_dir: config.server.data_dir.clone(),
@@ -85,6 +88,7 @@ impl Syncers {
                 status: status.clone(),
                 retention: config.retention.clone(),
                 limits: limits.clone(),
+                metrics: metrics.clone(),
             };
             tracker.spawn(job.run(wake.clone(), shutdown.clone()));
             workers.insert(repo.name.clone(), Worker { wake, status });
@@ -136,6 +140,7 @@ struct Job {
     retention: RetentionConfig,
     /// Size caps on repo content (`[limits]`), judged on the git side before anything is read.
     limits: Arc<LimitsConfig>,
+    metrics: Arc<Metrics>,
 }
 
 impl Job {
@@ -160,7 +165,9 @@ impl Job {
                 }
             }
             self.set(|s| s.syncing = true);
+            let started = std::time::Instant::now();
             let result = self.sync_once().await;
+            (self.metrics).sync_finished(&self.repo.name, started.elapsed(), result.is_ok());
             failures = if result.is_ok() {
                 0
             } else {
@@ -311,11 +318,11 @@ impl Job {
             .map(|t| (t.topic, t.repo))
             .collect();
         self.validate(&mut outcome, held, last.as_deref(), &withheld, &owners);
-        let changes = self
-            .store
-            .publish(&outcome)
+        let changes = (self.metrics)
+            .time_store(StoreCall::Publish, self.store.publish(&outcome))
             .await
             .map_err(|e| e.to_string())?;
+        self.metrics.published(&self.repo.name, changes.len());
         self.set(|s| s.head = Some(outcome.commit.clone()));
         for change in &changes {
             tracing::info!(repo = %self.repo.name, topic = %change.topic, version = change.version, seq = change.seq,

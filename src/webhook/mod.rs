@@ -21,6 +21,7 @@ use serde_json::json;
 
 use crate::app::{AppError, AppState, Peer};
 use crate::config::{HmacAlgorithm, Provider, Secret, WebhookConfig};
+use crate::telemetry::WebhookOutcome;
 
 /// One ref a push moved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,8 +357,10 @@ pub async fn handle(
         tracing::debug!(parent: &span, forge_repo, refs = refs.len(), "push received");
     }
     let _enter = span.enter();
-    let reply =
-        |status: StatusCode, body: serde_json::Value| Ok((status, Json(body)).into_response());
+    // The outcome rides along for the metrics layer (`api::metrics::count_webhook`).
+    let reply = |status: StatusCode, outcome: WebhookOutcome, body: serde_json::Value| {
+        Ok((status, axum::Extension(outcome), Json(body)).into_response())
+    };
     if let Some(id) = &delivery.id {
         if !app
             .store
@@ -367,6 +370,7 @@ pub async fn handle(
             tracing::info!("redelivery of a webhook already received; nothing to do");
             return reply(
                 StatusCode::OK,
+                WebhookOutcome::Duplicate,
                 json!({"status": "duplicate", "delivery": id}),
             );
         }
@@ -377,6 +381,7 @@ pub async fn handle(
         tracing::info!(%reason, "webhook ignored");
         reply(
             StatusCode::ACCEPTED,
+            WebhookOutcome::Ignored,
             json!({"status": "ignored", "reason": reason, "delivery": delivery.id}),
         )
     };
@@ -385,6 +390,7 @@ pub async fn handle(
             tracing::info!("ping received");
             reply(
                 StatusCode::OK,
+                WebhookOutcome::Ping,
                 json!({"status": "pong", "delivery": delivery.id}),
             )
         }
@@ -415,6 +421,7 @@ pub async fn handle(
                     tracing::info!("push accepted, sync queued");
                     reply(
                         StatusCode::ACCEPTED,
+                        WebhookOutcome::Queued,
                         json!({"status": "queued", "delivery": delivery.id}),
                     )
                 }

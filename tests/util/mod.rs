@@ -12,6 +12,8 @@ pub use confcast::demo::ConfigRepo;
 use confcast::protocol::{AckStatus, Change, ServerMessage, Snapshot};
 use serde_json::Value;
 
+pub mod prom;
+
 pub const SECRET: &str = "test-webhook-secret";
 pub const WAIT: Duration = Duration::from_secs(15);
 
