@@ -203,6 +203,8 @@ pub struct LimitsConfig {
     pub max_path_bytes: usize,
     /// Instances disconnected longer than this are forgotten, with their acks (0 = never).
     pub instance_expiry_secs: u64,
+    /// Dashboard event streams (`GET /api/v1/events`) open at once; beyond it: 503 + Retry-After.
+    pub max_event_streams: usize,
 }
 
 impl Default for LimitsConfig {
@@ -227,6 +229,7 @@ impl Default for LimitsConfig {
             max_topic_files: 10_000,
             max_path_bytes: 1024,
             instance_expiry_secs: 7 * 24 * 3600,
+            max_event_streams: 256,
         }
     }
 }

@@ -16,8 +16,11 @@ use serde_json::json;
 use crate::app::{bearer, App, AppError, AppState};
 use crate::config::ApiScope;
 use crate::protocol::{topic_matches, AckStatus};
-use crate::store::{AckRecord, InstanceRecord};
+use crate::store::{AckRecord, InstanceRecord, TopicSummary};
 use crate::sync::STUCK_AFTER;
+
+mod dashboard;
+mod events;
 
 pub fn router(app: AppState) -> Router {
     // The query API needs a `read` credential, its writes an `admin` one (when API tokens are
@@ -26,9 +29,10 @@ pub fn router(app: AppState) -> Router {
     let read = Router::new()
         .route("/api/v1/topics", get(topics))
         .route("/api/v1/topics/{*topic}", get(topic))
-        .route("/api/v1/instances", get(instances))
+        .route("/api/v1/instances", get(dashboard::instances))
         .route("/api/v1/instances/{id}", get(instance))
         .route("/api/v1/repos", get(repos))
+        .route("/api/v1/events", get(events::events))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_read));
     let admin = Router::new()
         .route("/api/v1/repos/{name}/sync", post(force_sync))
@@ -38,6 +42,8 @@ pub fn router(app: AppState) -> Router {
         .route("/ws", get(crate::hub::connection::upgrade))
         .merge(read)
         .merge(admin)
+        .route("/", get(dashboard::index))
+        .route("/assets/{file}", get(dashboard::asset))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { AppError::NotFound("no such endpoint; see docs/API.md".into()) })
@@ -132,6 +138,13 @@ async fn topic(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<serde_json::Value>, AppError> {
     let path = path.trim_matches('/');
+    if let Some((name, version)) = path.rsplit_once("/versions/") {
+        if let Ok(version) = version.parse::<u64>() {
+            if app.store.topics().await?.iter().any(|t| t.topic == name) {
+                return dashboard::version(&app, name, version).await.map(Json);
+            }
+        }
+    }
     if let Some(name) = path.strip_suffix("/history") {
         if app.store.topics().await?.iter().any(|t| t.topic == name) {
             let history = app
@@ -257,18 +270,22 @@ struct InstanceTopic {
 
 async fn instance_views(app: &App) -> Result<Vec<InstanceView>, AppError> {
     let topics = app.store.topics().await?;
+    let acks = app.store.acks().await?;
+    Ok(views(app.store.instances().await?, &topics, acks))
+}
+
+/// Each instance with its status per subscribed topic.
+fn views(
+    records: Vec<InstanceRecord>,
+    topics: &[TopicSummary],
+    acks: Vec<AckRecord>,
+) -> Vec<InstanceView> {
     // Indexed once: every instance looks up its ack per topic.
-    let acks: std::collections::HashMap<(String, String), AckRecord> = app
-        .store
-        .acks()
-        .await?
+    let acks: std::collections::HashMap<(String, String), AckRecord> = acks
         .into_iter()
         .map(|a| ((a.instance.clone(), a.topic.clone()), a))
         .collect();
-    let views = app
-        .store
-        .instances()
-        .await?
+    records
         .into_iter()
         .map(|record| {
             let topics = topics
@@ -299,12 +316,7 @@ async fn instance_views(app: &App) -> Result<Vec<InstanceView>, AppError> {
                 .collect();
             InstanceView { record, topics }
         })
-        .collect();
-    Ok(views)
-}
-
-async fn instances(State(app): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
-    Ok(Json(json!({ "instances": instance_views(&app).await? })))
+        .collect()
 }
 
 async fn instance(

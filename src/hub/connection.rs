@@ -124,6 +124,7 @@ impl Connection {
                 tracing::warn!(instance = %id.instance, error = %e, "could not mark instance disconnected");
             }
             tracing::info!(instance = %id.instance, "instance disconnected");
+            self.app.hub.rollouts.stir();
         }
     }
 
@@ -401,6 +402,7 @@ impl Connection {
                 .await;
         }
         tracing::info!(%instance, app = app.as_deref().unwrap_or("-"), "instance connected");
+        self.app.hub.rollouts.stir();
         self.identity = Some(Identity {
             instance: instance.clone(),
             connection,
@@ -514,6 +516,7 @@ impl Connection {
             {
                 tracing::warn!(instance = %id.instance, error = %e, "could not record subscriptions");
             }
+            self.app.hub.rollouts.stir();
         }
         None
     }
@@ -670,6 +673,7 @@ impl Connection {
         {
             Ok(Ok(())) => {
                 tracing::info!(%instance, %topic, version, status = status.as_str(), "ack recorded");
+                self.app.hub.rollouts.stir();
                 self.send(&ServerMessage::AckRecorded { topic, version })
                     .await
                     .err()
