@@ -215,7 +215,8 @@ function progress(counts) {
 function renderTopics() {
   const body = clear($('topics-body'));
   const topics = (state.board && state.board.topics) || [];
-  $('topics-empty').hidden = topics.length > 0;
+  // "Nothing published" only once the board says so, not while it is still on its way.
+  $('topics-empty').hidden = !state.board || topics.length > 0;
   for (const t of topics) {
     const p = progress(t.counts || {});
     const row = el('tr', { 'data-topic': t.topic, 'data-percent': p.percent, class: 'clickable', onclick: () => { location.hash = `#/topic/${topicPath(t.topic)}`; } },
