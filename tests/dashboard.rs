@@ -233,13 +233,21 @@ async fn the_shell_is_open_and_strict_and_the_data_needs_a_read_token() {
 
     // The shell carries no data: served without a credential, with headers that forbid inline
     // script, framing and content sniffing.
-    let page = server.http.get(server.url("/")).send().await.expect("GET /");
+    let page = server
+        .http
+        .get(server.url("/"))
+        .send()
+        .await
+        .expect("GET /");
     assert_eq!(page.status(), 200);
     let csp = page.headers()["content-security-policy"]
         .to_str()
         .expect("ascii")
         .to_string();
-    assert!(csp.contains("script-src 'self'") && csp.contains("default-src 'none'"), "{csp}");
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert_eq!(page.headers()["x-content-type-options"], "nosniff");
     assert_eq!(page.headers()["x-frame-options"], "DENY");
@@ -267,17 +275,34 @@ async fn the_shell_is_open_and_strict_and_the_data_needs_a_read_token() {
         "/api/v1/topics/payments/versions/1",
     ] {
         assert_eq!(get(&server, path, None).await.0, 401, "{path}");
-        assert_eq!(get(&server, path, Some("not-a-token")).await.0, 401, "{path}");
+        assert_eq!(
+            get(&server, path, Some("not-a-token")).await.0,
+            401,
+            "{path}"
+        );
     }
-    let (status, v) = get(&server, "/api/v1/topics/payments/versions/1", Some(ADMIN_TOKEN)).await;
+    let (status, v) = get(
+        &server,
+        "/api/v1/topics/payments/versions/1",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     let files = v["files"].as_array().expect("files");
     let app = files
         .iter()
         .find(|f| f["path"] == "payments/app.toml")
         .expect("app.toml in version 1");
-    assert_eq!(app["diff"], "--- a/payments/app.toml\n+++ b/payments/app.toml\n@@ -0,0 +1 @@\n+port = 8443\n");
-    let (status, v) = get(&server, "/api/v1/topics/payments/versions/9", Some(READ_TOKEN)).await;
+    assert_eq!(
+        app["diff"],
+        "--- a/payments/app.toml\n+++ b/payments/app.toml\n@@ -0,0 +1 @@\n+port = 8443\n"
+    );
+    let (status, v) = get(
+        &server,
+        "/api/v1/topics/payments/versions/9",
+        Some(READ_TOKEN),
+    )
+    .await;
     assert_eq!(status, 404, "{v}");
 
     // Filters are checked and capped.
@@ -288,17 +313,34 @@ async fn the_shell_is_open_and_strict_and_the_data_needs_a_read_token() {
         ("limit=abc", 400),
         ("colour=blue", 400),
     ] {
-        let (status, v) = get(&server, &format!("/api/v1/instances?{query}"), Some(READ_TOKEN)).await;
+        let (status, v) = get(
+            &server,
+            &format!("/api/v1/instances?{query}"),
+            Some(READ_TOKEN),
+        )
+        .await;
         assert_eq!(status, want, "{query}: {v}");
     }
     let long = "x".repeat(257);
-    let (status, v) = get(&server, &format!("/api/v1/instances?q={long}"), Some(READ_TOKEN)).await;
+    let (status, v) = get(
+        &server,
+        &format!("/api/v1/instances?q={long}"),
+        Some(READ_TOKEN),
+    )
+    .await;
     assert_eq!(status, 400, "{v}");
-    assert!(v["error"].as_str().is_some_and(|e| e.contains("256")), "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("256")),
+        "{v}"
+    );
 
     // At most `max_event_streams` streams at once: the next one is told to come back later.
-    let first = EventStream::open(&server, READ_TOKEN).await.expect("stream 1");
-    let _second = EventStream::open(&server, READ_TOKEN).await.expect("stream 2");
+    let first = EventStream::open(&server, READ_TOKEN)
+        .await
+        .expect("stream 1");
+    let _second = EventStream::open(&server, READ_TOKEN)
+        .await
+        .expect("stream 2");
     let refused = EventStream::open(&server, READ_TOKEN)
         .await
         .err()
@@ -323,8 +365,12 @@ async fn the_event_stream_follows_a_rollout_and_instances_page() {
     let mut one = subscriber(&server, "pay-1", &[("zone", "a")]).await;
     let mut two = subscriber(&server, "pay-2", &[("zone", "b"), ("note", HOSTILE)]).await;
 
-    let mut events = EventStream::open(&server, READ_TOKEN).await.expect("stream");
-    let mut other = EventStream::open(&server, READ_TOKEN).await.expect("stream");
+    let mut events = EventStream::open(&server, READ_TOKEN)
+        .await
+        .expect("stream");
+    let mut other = EventStream::open(&server, READ_TOKEN)
+        .await
+        .expect("stream");
     let (board, _) = events
         .until(|p, _| p["counts"]["applied"] == 2 && p["version"] == 1)
         .await;
@@ -396,7 +442,8 @@ fn on_path(name: &str) -> Option<PathBuf> {
 
 /// chromedriver and the browser, or the reason the test cannot run.
 fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
-    let driver = on_path("chromedriver").ok_or("chromedriver is not installed (apt-get install chromium-driver)")?;
+    let driver = on_path("chromedriver")
+        .ok_or("chromedriver is not installed (apt-get install chromium-driver)")?;
     let browser = ["chromium", "chromium-browser", "google-chrome"]
         .iter()
         .find_map(|b| on_path(b))
@@ -470,7 +517,10 @@ async fn until(client: &Client, what: &str, script: &str) {
             .execute("return document.body.innerText", vec![])
             .await
             .unwrap_or(Value::Null);
-        panic!("the page did not show {what} in time; it shows:\n{}", text.as_str().unwrap_or(""));
+        panic!(
+            "the page did not show {what} in time; it shows:\n{}",
+            text.as_str().unwrap_or("")
+        );
     }
 }
 
@@ -510,14 +560,27 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
     let server = start(dir.path(), &repo, "").await;
     wait_for(&server, "/api/v1/topics", |v| v["topics"][0].is_object()).await;
     let mut one = subscriber(&server, "payments-api-1", &[("zone", "eu-west-1a")]).await;
-    let mut two = subscriber(&server, "payments-api-2", &[("zone", "eu-west-1b"), ("note", HOSTILE)]).await;
+    let mut two = subscriber(
+        &server,
+        "payments-api-2",
+        &[("zone", "eu-west-1b"), ("note", HOSTILE)],
+    )
+    .await;
     let mut three = subscriber(&server, "payments-api-3", &[("zone", "eu-west-1c")]).await;
 
     let (_driver, client) = start_browser(&driver, &browser).await;
-    client.goto(&server.url("/")).await.expect("open the dashboard");
+    client
+        .goto(&server.url("/"))
+        .await
+        .expect("open the dashboard");
 
     // The API answers 401, so the page asks for a token.
-    until(&client, "the token form", "!document.getElementById('login').hidden").await;
+    until(
+        &client,
+        "the token form",
+        "!document.getElementById('login').hidden",
+    )
+    .await;
     screenshot(&client, "01-token").await;
     client
         .find(Locator::Css("#token"))
@@ -534,11 +597,27 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
         .await
         .expect("click");
     let payments = "document.querySelector('#topics-body tr[data-topic=\"payments\"]')";
-    until(&client, "payments at 100%", &format!("{payments}.dataset.percent === '100'")).await;
-    until(&client, "the live feed", "document.getElementById('live').textContent === 'live'").await;
+    until(
+        &client,
+        "payments at 100%",
+        &format!("{payments}.dataset.percent === '100'"),
+    )
+    .await;
+    until(
+        &client,
+        "the live feed",
+        "document.getElementById('live').textContent === 'live'",
+    )
+    .await;
 
     // A push: the bar falls back while the instances get it, then reaches 100% as they ack.
-    push(&server, &repo, "port = 9443\nmode = \"strict\"\n", &format!("Raise the port {HOSTILE}")).await;
+    push(
+        &server,
+        &repo,
+        "port = 9443\nmode = \"strict\"\n",
+        &format!("Raise the port {HOSTILE}"),
+    )
+    .await;
     assert_eq!(next_change(&mut one).await, 2);
     ack(&mut one, "payments", 2).await;
     until(
@@ -552,7 +631,12 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
     ack(&mut two, "payments", 2).await;
     assert_eq!(next_change(&mut three).await, 2);
     ack(&mut three, "payments", 2).await;
-    until(&client, "payments v2 at 100%", &format!("{payments}.dataset.percent === '100'")).await;
+    until(
+        &client,
+        "payments v2 at 100%",
+        &format!("{payments}.dataset.percent === '100'"),
+    )
+    .await;
     let row = text_of(&client, &format!("{payments}.innerText")).await;
     assert!(row.contains("3/3 applied"), "{row}");
     // The hostile commit message is shown as text, never as markup.
@@ -568,22 +652,40 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
         .await
         .expect("open the topic");
     let diff = "document.querySelector('.file[data-path=\"payments/app.toml\"] pre.diff')";
-    until(&client, "the diff of version 2", &format!("{diff}.textContent.includes('+port = 9443')")).await;
+    until(
+        &client,
+        "the diff of version 2",
+        &format!("{diff}.textContent.includes('+port = 9443')"),
+    )
+    .await;
     let text = text_of(&client, &format!("{diff}.innerText")).await;
-    assert!(text.contains("-port = 8443") && text.contains("+mode = \"strict\""), "{text}");
+    assert!(
+        text.contains("-port = 8443") && text.contains("+mode = \"strict\""),
+        "{text}"
+    );
     let history = text_of(&client, "document.getElementById('history').innerText").await;
-    assert!(history.contains("v2") && history.contains("v1") && history.contains(HOSTILE), "{history}");
+    assert!(
+        history.contains("v2") && history.contains("v1") && history.contains(HOSTILE),
+        "{history}"
+    );
     screenshot(&client, "04-topic-diff").await;
 
     // The instances table, with the hostile label as text.
-    client.goto(&server.url("/#/instances")).await.expect("instances");
+    client
+        .goto(&server.url("/#/instances"))
+        .await
+        .expect("instances");
     until(
         &client,
         "three instances",
         "document.querySelectorAll('#instances-body tr').length === 3",
     )
     .await;
-    let table = text_of(&client, "document.getElementById('instances-table').innerText").await;
+    let table = text_of(
+        &client,
+        "document.getElementById('instances-table').innerText",
+    )
+    .await;
     assert!(table.contains(&format!("note={HOSTILE}")), "{table}");
     assert!(table.contains("payments v2"), "{table}");
     screenshot(&client, "05-instances").await;
@@ -601,7 +703,10 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
     assert_eq!(pwned, json!(true));
 
     // Commands are built elsewhere: until they exist, the panel says so instead of failing.
-    client.goto(&server.url("/#/commands")).await.expect("commands");
+    client
+        .goto(&server.url("/#/commands"))
+        .await
+        .expect("commands");
     until(
         &client,
         "commands unavailable",
@@ -612,7 +717,12 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
 
     // The token stays for the tab (a reload does not ask again) and is never in a URL.
     client.refresh().await.expect("reload");
-    until(&client, "the page after a reload", &format!("{payments} !== null")).await;
+    until(
+        &client,
+        "the page after a reload",
+        &format!("{payments} !== null"),
+    )
+    .await;
     let asked = client
         .execute("return !document.getElementById('login').hidden", vec![])
         .await

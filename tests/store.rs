@@ -800,7 +800,14 @@ mod contract {
                     let id = format!("inst-{i:05}");
                     let labels = BTreeMap::from([
                         ("zone".to_string(), format!("z{}", i % 4)),
-                        ("team".to_string(), if i == 77 { "a\"b%_".into() } else { "core".into() }),
+                        (
+                            "team".to_string(),
+                            if i == 77 {
+                                "a\"b%_".into()
+                            } else {
+                                "core".into()
+                            },
+                        ),
                     ]);
                     let app = format!("app{}", i % 10);
                     store
@@ -849,7 +856,16 @@ mod contract {
         };
         let (ids, total, _) = page(by_app, None, 5).await;
         assert_eq!(total, 1000);
-        assert_eq!(ids, ["inst-00003", "inst-00013", "inst-00023", "inst-00033", "inst-00043"]);
+        assert_eq!(
+            ids,
+            [
+                "inst-00003",
+                "inst-00013",
+                "inst-00023",
+                "inst-00033",
+                "inst-00043"
+            ]
+        );
 
         // i % 4 == 1 and i % 10 == 3: i = 13 (mod 20).
         let zone_and_app = store::InstanceFilter {
@@ -883,7 +899,10 @@ mod contract {
             ..Default::default()
         };
         let (ids, total, _) = page(odd, None, 100).await;
-        assert_eq!((ids.as_slice(), total), (["inst-00077".to_string()].as_slice(), 1));
+        assert_eq!(
+            (ids.as_slice(), total),
+            (["inst-00077".to_string()].as_slice(), 1)
+        );
         for wildcard in ["%", "_", "a%"] {
             let f = store::InstanceFilter {
                 label: Some(("team".into(), wildcard.into())),
@@ -899,7 +918,11 @@ mod contract {
 
         // The acks of a page's instances only.
         store
-            .publish(&outcome("cfg", "c1", vec![("payments", vec![added("a", b"1")])]))
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![("payments", vec![added("a", b"1")])],
+            ))
             .await
             .expect("publish");
         for id in ["inst-00001", "inst-00002", "inst-00500"] {
@@ -920,7 +943,11 @@ mod contract {
     /// The grouped reads the rollout board is computed from.
     pub async fn rollout_groups_count_alike_instances_and_acks_together(store: Arc<dyn Store>) {
         store
-            .publish(&outcome("cfg", "c1", vec![("payments", vec![added("a", b"1")])]))
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![("payments", vec![added("a", b"1")])],
+            ))
             .await
             .expect("publish");
         let none = BTreeMap::new();
@@ -969,12 +996,20 @@ mod contract {
         ];
         for (i, files) in steps.into_iter().enumerate() {
             store
-                .publish(&outcome("cfg", &format!("c{}", i + 1), vec![("svc", files)]))
+                .publish(&outcome(
+                    "cfg",
+                    &format!("c{}", i + 1),
+                    vec![("svc", files)],
+                ))
                 .await
                 .expect("publish");
             // Another topic's changes in between must not be mistaken for this one's.
             store
-                .publish(&outcome("cfg", &format!("o{}", i + 1), vec![("other", vec![added("a.toml", b"other")])]))
+                .publish(&outcome(
+                    "cfg",
+                    &format!("o{}", i + 1),
+                    vec![("other", vec![added("a.toml", b"other")])],
+                ))
                 .await
                 .expect("publish other");
         }
@@ -990,15 +1025,28 @@ mod contract {
 
         let before = |path: &'static str, version: u64| {
             let store = store.clone();
-            async move { store.file_before("svc", path, version).await.expect("file_before") }
+            async move {
+                store
+                    .file_before("svc", path, version)
+                    .await
+                    .expect("file_before")
+            }
         };
         use store::FileBefore::{Absent, Content, Unknown};
-        assert_eq!(before("a.toml", 1).await, Absent, "nothing before the first version");
+        assert_eq!(
+            before("a.toml", 1).await,
+            Absent,
+            "nothing before the first version"
+        );
         assert_eq!(before("a.toml", 2).await, Content(b"a = 1\n".to_vec()));
         assert_eq!(before("a.toml", 4).await, Content(b"a = 2\n".to_vec()));
         assert_eq!(before("a.toml", 5).await, Absent, "deleted in version 4");
         assert_eq!(before("b.toml", 3).await, Content(b"b = 1\n".to_vec()));
-        assert_eq!(before("b.toml", 4).await, Absent, "renamed away in version 3");
+        assert_eq!(
+            before("b.toml", 4).await,
+            Absent,
+            "renamed away in version 3"
+        );
         assert_eq!(before("c.toml", 4).await, Content(b"b = 1\n".to_vec()));
         assert_eq!(before("c.toml", 3).await, Absent);
         assert_eq!(before("nope.toml", 5).await, Absent);
