@@ -32,9 +32,12 @@ fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-/// A server on `repo` with a `read` and an `admin` API token, and `limits` added.
-async fn start(dir: &Path, repo: &ConfigRepo, limits: &str) -> TestServer {
-    let data_dir = dir.join("data");
+/// A server on `repo` with a `read` and an `admin` API token, and the TOML tables `extra`.
+async fn start(dir: &Path, repo: &ConfigRepo, extra: &str) -> TestServer {
+    start_in(dir.join("data"), repo, extra).await
+}
+
+async fn start_in(data_dir: PathBuf, repo: &ConfigRepo, extra: &str) -> TestServer {
     let toml = format!(
         r#"[server]
 listen = "127.0.0.1:0"
@@ -56,8 +59,7 @@ name = "operator"
 token_sha256 = "{}"
 scope = "admin"
 
-[limits]
-{limits}
+{extra}
 "#,
         data_dir.display(),
         repo.url(),
@@ -228,7 +230,7 @@ impl EventStream {
 async fn the_shell_is_open_and_strict_and_the_data_needs_a_read_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let server = start(dir.path(), &repo, "max_event_streams = 2").await;
+    let server = start(dir.path(), &repo, "[limits]\nmax_event_streams = 2").await;
     wait_for(&server, "/api/v1/topics", |v| v["topics"][0].is_object()).await;
 
     // The shell carries no data: served without a credential, with headers that forbid inline
@@ -428,6 +430,42 @@ async fn the_event_stream_follows_a_rollout_and_instances_page() {
     // Without parameters: every instance, as before.
     let all = wait_for(&server, "/api/v1/instances", |_| true).await;
     assert_eq!(all["instances"].as_array().map(Vec::len), Some(2));
+}
+
+/// Two replicas on one PostgreSQL database: acks recorded through one move the board that the
+/// other streams (by its periodic recomputation), and a publish reaches both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_recorded_by_another_replica_move_the_board() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let store = format!("[store]\nurl = \"{}\"", db.url);
+    let a = start_in(dir.path().join("a"), &repo, &store).await;
+    let b = start_in(dir.path().join("b"), &repo, &store).await;
+    wait_for(&a, "/api/v1/topics", |v| v["topics"][0].is_object()).await;
+    wait_for(&b, "/api/v1/topics", |v| v["topics"][0].is_object()).await;
+    let mut on_b = EventStream::open(&b, READ_TOKEN)
+        .await
+        .expect("stream on b");
+
+    let mut one = subscriber(&a, "pay-1", &[]).await;
+    let mut two = subscriber(&a, "pay-2", &[]).await;
+    on_b.until(|p, board| p["counts"]["applied"] == 2 && board["instances"]["connected"] == 2)
+        .await;
+
+    push(&a, &repo, "port = 9443\n", "through replica a").await;
+    let (_, line) = on_b.until(|p, _| p["version"] == 2).await;
+    assert_eq!(line["message"], "through replica a");
+    assert_eq!(next_change(&mut one).await, 2);
+    ack(&mut one, "payments", 2).await;
+    on_b.until(|p, _| p["version"] == 2 && p["counts"]["applied"] == 1)
+        .await;
+    assert_eq!(next_change(&mut two).await, 2);
+    ack(&mut two, "payments", 2).await;
+    on_b.until(|p, _| p["version"] == 2 && p["counts"]["applied"] == 2)
+        .await;
 }
 
 // ---- the browser --------------------------------------------------------------------------
