@@ -221,7 +221,8 @@ function renderTopics() {
     const p = progress(t.counts || {});
     const row = el('tr', { 'data-topic': t.topic, 'data-percent': p.percent, class: 'clickable', onclick: () => { location.hash = `#/topic/${topicPath(t.topic)}`; } },
       el('td', {}, el('a', { href: `#/topic/${topicPath(t.topic)}`, text: t.topic })),
-      el('td', { class: 'mono', text: `v${t.version}` }),
+      el('td', { class: 'mono', title: `published ${fmtTime(t.updated_at_ms)}` }, `v${t.version}`,
+        el('div', { class: 'when', text: ago(t.updated_at_ms) })),
       el('td', { class: 'mono', title: t.commit, text: short(t.commit) }),
       el('td', { text: t.author || '' }),
       el('td', { class: 'msg', text: firstLine(t.message) }),
