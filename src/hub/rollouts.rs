@@ -41,7 +41,11 @@ pub struct Viewer {
 
 impl Drop for Viewer {
     fn drop(&mut self) {
-        self.rollouts.viewers.fetch_sub(1, Ordering::AcqRel);
+        if self.rollouts.viewers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Nobody watches, so the board goes stale: the next viewer waits for a fresh one
+            // (its arrival stirs a computation) rather than being shown this one.
+            self.rollouts.board.send_replace(Arc::from(""));
+        }
     }
 }
 
@@ -73,7 +77,8 @@ impl Rollouts {
         })
     }
 
-    /// The board as JSON text (empty until first computed), changing as it is recomputed.
+    /// The board as JSON text (empty until computed for the viewers present), changing as it is
+    /// recomputed.
     pub fn watch(&self) -> watch::Receiver<Arc<str>> {
         self.board.subscribe()
     }
