@@ -298,6 +298,7 @@ pub async fn run(
     println!("  config repo    : {} (branch main)", origin.url());
     println!("  API            : {base}/api/v1/topics   {base}/api/v1/instances");
     println!("  rollout        : {base}/api/v1/topics/payments");
+    println!("  dashboard      : {base}/ (open in a browser)");
     println!("  WebSocket      : ws://{addr}/ws");
     println!("  webhook        : POST {base}/webhooks/demo (GitHub-signed)");
     println!();
