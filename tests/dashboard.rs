@@ -727,6 +727,29 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
     assert!(table.contains(&format!("note={HOSTILE}")), "{table}");
     assert!(table.contains("payments v2"), "{table}");
     screenshot(&client, "05-instances").await;
+    // Filters are answered by the server: one zone, one row.
+    client
+        .find(Locator::Css("#filters input[name=label]"))
+        .await
+        .expect("label filter")
+        .send_keys("zone=eu-west-1b")
+        .await
+        .expect("type a filter");
+    client
+        .find(Locator::Css("#filters button[type=submit]"))
+        .await
+        .expect("filter button")
+        .click()
+        .await
+        .expect("filter");
+    until(
+        &client,
+        "one filtered instance",
+        "document.querySelectorAll('#instances-body tr').length === 1 \
+         && document.querySelector('#instances-body tr').dataset.instance === 'payments-api-2' \
+         && document.getElementById('instances-count').textContent.includes('of 1 ')",
+    )
+    .await;
 
     // Nothing from the repo or the instances became markup or ran.
     let images = client
