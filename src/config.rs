@@ -208,6 +208,8 @@ pub struct LimitsConfig {
     /// Refused credentials recorded one by one per minute, per replica; beyond it they are
     /// counted and recorded as one summary entry, so a flood cannot grow the database.
     pub audit_refusals_per_minute: u32,
+    /// Dashboard event streams (`GET /api/v1/events`) open at once; beyond it: 503 + Retry-After.
+    pub max_event_streams: usize,
 }
 
 impl Default for LimitsConfig {
@@ -234,6 +236,7 @@ impl Default for LimitsConfig {
             instance_expiry_secs: 7 * 24 * 3600,
             max_audit_entries: 100_000,
             audit_refusals_per_minute: 60,
+            max_event_streams: 256,
         }
     }
 }

@@ -299,6 +299,7 @@ pub async fn run(
     println!("  API            : {base}/api/v1/topics   {base}/api/v1/instances");
     println!("  rollout        : {base}/api/v1/topics/payments");
     println!("  metrics        : {base}/metrics   (Prometheus)");
+    println!("  dashboard      : {base}/ (open in a browser)");
     println!("  WebSocket      : ws://{addr}/ws");
     println!("  webhook        : POST {base}/webhooks/demo (GitHub-signed)");
     println!();

@@ -840,6 +840,278 @@ mod contract {
             .expect("the waiter gets `cfg` once it is released")
             .expect("lock task");
     }
+
+    /// 10,000 instances written through the store; one page of them is read with the right
+    /// rows and the count of all that match, for each filter the dashboard offers.
+    pub async fn instances_page_filters_and_counts_ten_thousand(store: Arc<dyn Store>) {
+        let n = 10_000usize;
+        // Written by a few tasks at once: PostgreSQL round trips overlap, SQLite queues them.
+        let mut tasks = Vec::new();
+        for part in 0..4usize {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (part..n).step_by(4) {
+                    let id = format!("inst-{i:05}");
+                    let labels = BTreeMap::from([
+                        ("zone".to_string(), format!("z{}", i % 4)),
+                        (
+                            "team".to_string(),
+                            if i == 77 {
+                                "a\"b%_".into()
+                            } else {
+                                "core".into()
+                            },
+                        ),
+                    ]);
+                    let app = format!("app{}", i % 10);
+                    store
+                        .instance_connected(&id, Some(&app), &labels, &format!("c{i}"), "node-a")
+                        .await
+                        .expect("connected");
+                    if i % 3 == 0 {
+                        store
+                            .instance_disconnected(&id, &format!("c{i}"))
+                            .await
+                            .expect("disconnected");
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("writer task");
+        }
+        let page = |filter: store::InstanceFilter, after: Option<&'static str>, limit: u32| {
+            let store = store.clone();
+            async move {
+                let (rows, total) = store
+                    .instances_page(&filter, after, limit)
+                    .await
+                    .expect("instances_page");
+                let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+                (ids, total, rows)
+            }
+        };
+        let all = store::InstanceFilter::default();
+        let (ids, total, rows) = page(all.clone(), None, 100).await;
+        assert_eq!(total, 10_000);
+        let expected: Vec<String> = (0..100).map(|i| format!("inst-{i:05}")).collect();
+        assert_eq!(ids, expected);
+        assert_eq!(rows[3].app.as_deref(), Some("app3"));
+        assert_eq!(rows[3].labels["zone"], "z3");
+        assert!(!rows[3].connected && rows[4].connected);
+        let (ids, total, _) = page(all.clone(), Some("inst-09950"), 100).await;
+        assert_eq!(total, 10_000, "the count ignores `after`");
+        let expected: Vec<String> = (9951..10_000).map(|i| format!("inst-{i:05}")).collect();
+        assert_eq!(ids, expected);
+
+        let by_app = store::InstanceFilter {
+            app: Some("app3".into()),
+            ..Default::default()
+        };
+        let (ids, total, _) = page(by_app, None, 5).await;
+        assert_eq!(total, 1000);
+        assert_eq!(
+            ids,
+            [
+                "inst-00003",
+                "inst-00013",
+                "inst-00023",
+                "inst-00033",
+                "inst-00043"
+            ]
+        );
+
+        // i % 4 == 1 and i % 10 == 3: i = 13 (mod 20).
+        let zone_and_app = store::InstanceFilter {
+            app: Some("app3".into()),
+            label: Some(("zone".into(), "z1".into())),
+            ..Default::default()
+        };
+        let (ids, total, _) = page(zone_and_app, Some("inst-00013"), 2).await;
+        assert_eq!(total, 500);
+        assert_eq!(ids, ["inst-00033", "inst-00053"]);
+
+        let offline = store::InstanceFilter {
+            connected: Some(false),
+            ..Default::default()
+        };
+        let (ids, total, _) = page(offline, None, 3).await;
+        assert_eq!(total, 3334);
+        assert_eq!(ids, ["inst-00000", "inst-00003", "inst-00006"]);
+
+        let text = store::InstanceFilter {
+            text: Some("ST-0999".into()),
+            ..Default::default()
+        };
+        let (ids, total, _) = page(text, None, 100).await;
+        assert_eq!(total, 10, "ids are searched without case");
+        assert_eq!(ids.first().map(String::as_str), Some("inst-09990"));
+
+        // Quotes, `%` and `_` in a filter are literal characters, not wildcards.
+        let odd = store::InstanceFilter {
+            label: Some(("team".into(), "a\"b%_".into())),
+            ..Default::default()
+        };
+        let (ids, total, _) = page(odd, None, 100).await;
+        assert_eq!(
+            (ids.as_slice(), total),
+            (["inst-00077".to_string()].as_slice(), 1)
+        );
+        for wildcard in ["%", "_", "a%"] {
+            let f = store::InstanceFilter {
+                label: Some(("team".into(), wildcard.into())),
+                ..Default::default()
+            };
+            assert_eq!(page(f, None, 10).await.1, 0, "label value {wildcard}");
+            let f = store::InstanceFilter {
+                text: Some(format!("inst{wildcard}")),
+                ..Default::default()
+            };
+            assert_eq!(page(f, None, 10).await.1, 0, "text {wildcard}");
+        }
+
+        // The acks of a page's instances only.
+        store
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![("payments", vec![added("a", b"1")])],
+            ))
+            .await
+            .expect("publish");
+        for id in ["inst-00001", "inst-00002", "inst-00500"] {
+            store
+                .record_ack(id, "payments", 1, AckStatus::Applied, None)
+                .await
+                .expect("ack")
+                .expect("accepted");
+        }
+        let acks = store
+            .acks_for(&["inst-00001".into(), "inst-00500".into(), "ghost".into()])
+            .await
+            .expect("acks_for");
+        let who: Vec<&str> = acks.iter().map(|a| a.instance.as_str()).collect();
+        assert_eq!(who, ["inst-00001", "inst-00500"]);
+    }
+
+    /// The grouped reads the rollout board is computed from.
+    pub async fn rollout_groups_count_alike_instances_and_acks_together(store: Arc<dyn Store>) {
+        store
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![("payments", vec![added("a", b"1")])],
+            ))
+            .await
+            .expect("publish");
+        let none = BTreeMap::new();
+        for (id, connected) in [("p1", true), ("p2", true), ("p3", false)] {
+            store
+                .instance_connected(id, None, &none, id, "node-a")
+                .await
+                .expect("connected");
+            store
+                .instance_subscriptions(id, &["payments".into()])
+                .await
+                .expect("subscriptions");
+            if !connected {
+                store.instance_disconnected(id, id).await.expect("gone");
+            }
+        }
+        for id in ["p1", "p3"] {
+            store
+                .record_ack(id, "payments", 1, AckStatus::Applied, None)
+                .await
+                .expect("ack")
+                .expect("accepted");
+        }
+        let (subscribers, acks) = store.rollout_groups().await.expect("rollout_groups");
+        let mut subscribers: Vec<(bool, u64)> =
+            subscribers.iter().map(|g| (g.connected, g.count)).collect();
+        subscribers.sort();
+        assert_eq!(subscribers, [(false, 1), (true, 2)]);
+        let mut acks: Vec<(&str, u64, bool, u64)> = acks
+            .iter()
+            .map(|a| (a.topic.as_str(), a.version, a.connected, a.count))
+            .collect();
+        acks.sort();
+        assert_eq!(acks, [("payments", 1, false, 1), ("payments", 1, true, 1)]);
+    }
+
+    /// A logged version reads back whole, and each file's content before it is found through
+    /// adds, modifications, renames and deletions, or said to be unknown once trimmed away.
+    pub async fn topic_change_and_file_before_read_the_log(store: Arc<dyn Store>) {
+        let steps = vec![
+            vec![added("a.toml", b"a = 1\n"), added("b.toml", b"b = 1\n")],
+            vec![modified("a.toml", b"a = 2\n")],
+            vec![renamed("b.toml", "c.toml", b"b = 1\n")],
+            vec![deleted("a.toml"), modified("c.toml", b"c = 3\n")],
+            vec![added("a.toml", b"a = 5\n")],
+        ];
+        for (i, files) in steps.into_iter().enumerate() {
+            store
+                .publish(&outcome(
+                    "cfg",
+                    &format!("c{}", i + 1),
+                    vec![("svc", files)],
+                ))
+                .await
+                .expect("publish");
+            // Another topic's changes in between must not be mistaken for this one's.
+            store
+                .publish(&outcome(
+                    "cfg",
+                    &format!("o{}", i + 1),
+                    vec![("other", vec![added("a.toml", b"other")])],
+                ))
+                .await
+                .expect("publish other");
+        }
+        let v2 = store
+            .topic_change("svc", 2)
+            .await
+            .expect("topic_change")
+            .expect("version 2 is logged");
+        assert_eq!((v2.change.version, v2.change.commit.as_str()), (2, "c2"));
+        assert_eq!(v2.change.files[0].content.as_deref(), Some("a = 2\n"));
+        assert!(v2.created_at_ms > 0);
+        assert!(store.topic_change("svc", 6).await.expect("read").is_none());
+
+        let before = |path: &'static str, version: u64| {
+            let store = store.clone();
+            async move {
+                store
+                    .file_before("svc", path, version)
+                    .await
+                    .expect("file_before")
+            }
+        };
+        use store::FileBefore::{Absent, Content, Unknown};
+        assert_eq!(
+            before("a.toml", 1).await,
+            Absent,
+            "nothing before the first version"
+        );
+        assert_eq!(before("a.toml", 2).await, Content(b"a = 1\n".to_vec()));
+        assert_eq!(before("a.toml", 4).await, Content(b"a = 2\n".to_vec()));
+        assert_eq!(before("a.toml", 5).await, Absent, "deleted in version 4");
+        assert_eq!(before("b.toml", 3).await, Content(b"b = 1\n".to_vec()));
+        assert_eq!(
+            before("b.toml", 4).await,
+            Absent,
+            "renamed away in version 3"
+        );
+        assert_eq!(before("c.toml", 4).await, Content(b"b = 1\n".to_vec()));
+        assert_eq!(before("c.toml", 3).await, Absent);
+        assert_eq!(before("nope.toml", 5).await, Absent);
+
+        // Versions 1 and 2 (and what sat between) leave the log: what a.toml held before
+        // version 4 is no longer known; c.toml's history is still whole from version 3.
+        store.trim(6, 0).await.expect("trim");
+        assert!(store.topic_change("svc", 2).await.expect("read").is_none());
+        assert_eq!(before("a.toml", 4).await, Unknown);
+        assert_eq!(before("c.toml", 5).await, Content(b"c = 3\n".to_vec()));
+    }
 }
 
 // ---- the two backends -------------------------------------------------------------------------
@@ -997,6 +1269,9 @@ on_every_store!(
     expire_instances_forgets_long_disconnected_ones_with_their_acks,
     check_passes_on_a_healthy_store,
     the_audit_log_keeps_the_newest_and_filters_by_action,
+    instances_page_filters_and_counts_ten_thousand,
+    rollout_groups_count_alike_instances_and_acks_together,
+    topic_change_and_file_before_read_the_log,
 );
 
 fn now_ms() -> i64 {

@@ -15,9 +15,11 @@ use serde_json::json;
 use crate::app::{bearer, App, AppError, AppState, Caller, Peer};
 use crate::config::ApiScope;
 use crate::protocol::{topic_matches, AckStatus};
-use crate::store::{AckRecord, AuditQuery, InstanceRecord};
+use crate::store::{AckRecord, AuditQuery, InstanceRecord, TopicSummary};
 use crate::sync::STUCK_AFTER;
 
+mod dashboard;
+mod events;
 mod metrics;
 pub mod routes;
 
@@ -52,13 +54,16 @@ fn routes(app: Option<AppState>) -> Routes {
         )
         .add(Method::GET, "/api/v1/topics", Read, topics)
         .add(Method::GET, "/api/v1/topics/{*topic}", Read, topic)
-        .add(Method::GET, "/api/v1/instances", Read, instances)
+        .add(Method::GET, "/api/v1/instances", Read, dashboard::instances)
         .add(Method::GET, "/api/v1/instances/{id}", Read, instance)
         .add(Method::GET, "/api/v1/repos", Read, repos)
+        .add(Method::GET, "/api/v1/events", Read, events::events)
         .add(Method::GET, "/metrics", Read, metrics::scrape)
         .add(Method::POST, "/api/v1/repos/{name}/sync", Admin, force_sync)
         .add(Method::GET, "/api/v1/audit", Admin, audit)
         .add(Method::GET, "/api/v1/openapi.json", Open, openapi)
+        .add(Method::GET, "/", Open, dashboard::index)
+        .add(Method::GET, "/assets/{file}", Open, dashboard::asset)
         .add(Method::GET, "/healthz", Open, healthz)
         .add(Method::GET, "/readyz", Open, readyz)
 }
@@ -185,6 +190,13 @@ async fn topic(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<serde_json::Value>, AppError> {
     let path = path.trim_matches('/');
+    if let Some((name, version)) = path.rsplit_once("/versions/") {
+        if let Ok(version) = version.parse::<u64>() {
+            if app.store.topics().await?.iter().any(|t| t.topic == name) {
+                return dashboard::version(&app, name, version).await.map(Json);
+            }
+        }
+    }
     if let Some(name) = path.strip_suffix("/history") {
         if app.store.topics().await?.iter().any(|t| t.topic == name) {
             let history = app
@@ -310,18 +322,22 @@ struct InstanceTopic {
 
 async fn instance_views(app: &App) -> Result<Vec<InstanceView>, AppError> {
     let topics = app.store.topics().await?;
+    let acks = app.store.acks().await?;
+    Ok(views(app.store.instances().await?, &topics, acks))
+}
+
+/// Each instance with its status per subscribed topic.
+fn views(
+    records: Vec<InstanceRecord>,
+    topics: &[TopicSummary],
+    acks: Vec<AckRecord>,
+) -> Vec<InstanceView> {
     // Indexed once: every instance looks up its ack per topic.
-    let acks: std::collections::HashMap<(String, String), AckRecord> = app
-        .store
-        .acks()
-        .await?
+    let acks: std::collections::HashMap<(String, String), AckRecord> = acks
         .into_iter()
         .map(|a| ((a.instance.clone(), a.topic.clone()), a))
         .collect();
-    let views = app
-        .store
-        .instances()
-        .await?
+    records
         .into_iter()
         .map(|record| {
             let topics = topics
@@ -352,12 +368,7 @@ async fn instance_views(app: &App) -> Result<Vec<InstanceView>, AppError> {
                 .collect();
             InstanceView { record, topics }
         })
-        .collect();
-    Ok(views)
-}
-
-async fn instances(State(app): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
-    Ok(Json(json!({ "instances": instance_views(&app).await? })))
+        .collect()
 }
 
 async fn instance(

@@ -142,6 +142,7 @@ impl Connection {
                 tracing::warn!(instance = %id.instance, error = %e, "could not mark instance disconnected");
             }
             tracing::info!(instance = %id.instance, "instance disconnected");
+            self.app.hub.rollouts.stir();
         }
     }
 
@@ -425,6 +426,7 @@ impl Connection {
         }
         tracing::info!(%instance, app = app.as_deref().unwrap_or("-"), "instance connected");
         self.app.metrics.instance_connected();
+        self.app.hub.rollouts.stir();
         self.identity = Some(Identity {
             instance: instance.clone(),
             connection,
@@ -538,6 +540,7 @@ impl Connection {
             {
                 tracing::warn!(instance = %id.instance, error = %e, "could not record subscriptions");
             }
+            self.app.hub.rollouts.stir();
         }
         None
     }
@@ -715,6 +718,7 @@ impl Connection {
             Ok(Ok(())) => {
                 tracing::info!(%instance, %topic, version, status = status.as_str(), "ack recorded");
                 self.app.metrics.ack(status, &topic);
+                self.app.hub.rollouts.stir();
                 self.send(&ServerMessage::AckRecorded { topic, version })
                     .await
                     .err()

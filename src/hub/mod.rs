@@ -7,6 +7,7 @@
 //! keeps the order gap-free whoever published.
 
 pub mod connection;
+pub mod rollouts;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,8 @@ pub struct Hub {
     /// instance id -> the connection holding it on this replica
     live: Mutex<HashMap<String, Holder>>,
     next_connection: std::sync::atomic::AtomicU64,
+    /// The live rollout board of the dashboards, stirred by what happens here.
+    pub rollouts: Arc<rollouts::Rollouts>,
 }
 
 impl Hub {
@@ -51,6 +54,7 @@ impl Hub {
             wake: Arc::new(Notify::new()),
             live: Mutex::new(HashMap::new()),
             next_connection: std::sync::atomic::AtomicU64::new(1),
+            rollouts: rollouts::Rollouts::new(),
         })
     }
 
@@ -103,6 +107,8 @@ impl Hub {
                                 text: Utf8Bytes::from(e.frame),
                             }));
                         }
+                        // A new version changes every rollout of its topic.
+                        self.rollouts.stir();
                     }
                     Err(e) => {
                         tracing::error!(error = %e, after = sent, "hub cannot read the log; retrying");

@@ -120,6 +120,10 @@ pub struct TopicSummary {
     pub seq: u64,
     pub commit: String,
     pub updated_at_ms: i64,
+    /// Author and message of the commit of the current version; `None` once its change has
+    /// left the log (retention).
+    pub author: Option<String>,
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -203,6 +207,55 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// Instances that subscribed to the same patterns and are connected alike, counted: what a
+/// rollout needs of them without reading each one ([`Store::rollout_groups`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberGroup {
+    pub subscriptions: Vec<String>,
+    pub connected: bool,
+    pub count: u64,
+}
+
+/// Acks alike (topic, version, verdict) from instances alike (connected, subscriptions), counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckGroup {
+    pub topic: String,
+    pub version: u64,
+    pub status: AckStatus,
+    pub connected: bool,
+    pub subscriptions: Vec<String>,
+    pub count: u64,
+}
+
+/// Which instances one page of [`Store::instances_page`] is taken from. Every field narrows.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    /// `app` equal to this.
+    pub app: Option<String>,
+    /// A label with this key and value (ASCII letters compared without case).
+    pub label: Option<(String, String)>,
+    /// Text found in the id or the app (ASCII letters compared without case).
+    pub text: Option<String>,
+    pub connected: Option<bool>,
+}
+
+/// A logged change read back whole (its files with content), with the time it was logged.
+#[derive(Debug, Clone)]
+pub struct LoggedChange {
+    pub change: Change,
+    pub created_at_ms: i64,
+}
+
+/// A topic file's content just before some version ([`Store::file_before`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileBefore {
+    Content(Vec<u8>),
+    /// The file did not exist (never added, or deleted).
+    Absent,
+    /// The changes that would tell have left the log (retention).
+    Unknown,
+}
+
 /// Why an ack was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AckRejection {
@@ -264,6 +317,18 @@ pub trait Store: Send + Sync + 'static {
         connection: &str,
     ) -> Result<(), StoreError>;
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
+    /// At most `limit` instances that `filter` accepts with an id above `after`, in id order,
+    /// and how many `filter` accepts in all (whatever `after`).
+    async fn instances_page(
+        &self,
+        filter: &InstanceFilter,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<InstanceRecord>, u64), StoreError>;
+    /// Every instance counted by (subscriptions, connected), and every ack counted by (topic,
+    /// version, status) and its instance's (connected, subscriptions): the rollout of every
+    /// topic in two grouped reads, however many instances there are.
+    async fn rollout_groups(&self) -> Result<(Vec<SubscriberGroup>, Vec<AckGroup>), StoreError>;
     /// Forgets every instance disconnected before `disconnected_before_ms`, with its acks, so a
     /// rollout stops waiting for instances that were scaled away. Connected instances stay,
     /// however old. Returns how many were forgotten.
@@ -293,6 +358,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// The acks of one instance.
     async fn acks_of(&self, instance: &str) -> Result<Vec<AckRecord>, StoreError>;
+    /// The acks of these instances.
+    async fn acks_for(&self, instances: &[String]) -> Result<Vec<AckRecord>, StoreError>;
+
+    /// `version` of `topic` as logged, with its files' content; `None` when it is not (or no
+    /// longer) in the log.
+    async fn topic_change(
+        &self,
+        topic: &str,
+        version: u64,
+    ) -> Result<Option<LoggedChange>, StoreError>;
+    /// The content `path` had in `topic` just before `version`: from the latest logged change
+    /// below `version` that touched it.
+    async fn file_before(
+        &self,
+        topic: &str,
+        path: &str,
+        version: u64,
+    ) -> Result<FileBefore, StoreError>;
 
     /// Applies retention: keeps at most `max_events` most recent events (0 = any number) and none
     /// older than `max_age_ms` (0 = any age). Returns how many were removed. Topic state stays.

@@ -26,11 +26,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    log_entry, now_ms, AckRecord, AckRejection, AuditEntry, AuditQuery, AuditRecord, HistoryEntry,
-    HistoryFile, InstanceRecord, LogEntry, LoggedEvent, Rejection, RepoLock, RepoRecord, Store,
-    StoreError, SyncOutcome, TopicSummary,
+    log_entry, now_ms, AckGroup, AckRecord, AckRejection, AuditEntry, AuditQuery, AuditRecord,
+    FileBefore, HistoryEntry, HistoryFile, InstanceFilter, InstanceRecord, LogEntry, LoggedChange,
+    LoggedEvent, Rejection, RepoLock, RepoRecord, Store, StoreError, SubscriberGroup, SyncOutcome,
+    TopicSummary,
 };
-use crate::protocol::{AckStatus, Change, FileStatus, Snapshot, SnapshotFile};
+use crate::protocol::{AckStatus, Change, FileStatus, ServerMessage, Snapshot, SnapshotFile};
 
 /// How many webhook delivery ids are remembered for redelivery detection.
 const DELIVERIES_KEPT: i64 = 10_000;
@@ -217,6 +218,78 @@ const DELETE_FILE: &str = "DELETE FROM topic_files WHERE topic = $1 AND path = $
 
 const ACKS: &str = "SELECT instance, topic, version, status, error, acked_at FROM acks
      WHERE CAST($1 AS TEXT) IS NULL OR instance = $1 ORDER BY instance, topic";
+
+const INSTANCE_COLUMNS: &str = "id, app, labels, subscriptions, connected, node, last_seen";
+
+fn instance_record<R: Row>(r: &R) -> Result<InstanceRecord, StoreError>
+where
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    Ok(InstanceRecord {
+        id: r.try_get("id")?,
+        app: r.try_get("app")?,
+        labels: serde_json::from_str(r.try_get("labels")?)
+            .map_err(|e| StoreError::Corrupt(format!("instance labels: {e}")))?,
+        subscriptions: subscriptions(r.try_get("subscriptions")?)?,
+        connected: r.try_get("connected")?,
+        node: r.try_get("node")?,
+        last_seen_ms: r.try_get("last_seen")?,
+    })
+}
+
+fn subscriptions(json: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(json)
+        .map_err(|e| StoreError::Corrupt(format!("instance subscriptions: {e}")))
+}
+
+/// A `LIKE ... ESCAPE '\'` pattern finding `text` anywhere.
+fn like_anywhere(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 2);
+    pattern.push('%');
+    for c in text.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// The change in a logged `change` frame.
+fn change_of(frame: &str) -> Result<Change, StoreError> {
+    match serde_json::from_str(frame) {
+        Ok(ServerMessage::Change(change)) => Ok(change),
+        Ok(_) => Err(StoreError::Corrupt("a logged frame is not a change".into())),
+        Err(e) => Err(StoreError::Corrupt(format!("logged frame: {e}"))),
+    }
+}
+
+/// What `change` says about `path`, if it touched it.
+fn file_in(change: &Change, path: &str) -> Result<Option<FileBefore>, StoreError> {
+    if let Some(f) = change.files.iter().find(|f| f.path == path) {
+        return match (&f.status, &f.content) {
+            (FileStatus::Deleted, _) | (_, None) => Ok(Some(FileBefore::Absent)),
+            (_, Some(content)) => crate::protocol::decode_content(content, f.encoding)
+                .map(|bytes| Some(FileBefore::Content(bytes)))
+                .map_err(|e| StoreError::Corrupt(format!("logged content of {path}: {e}"))),
+        };
+    }
+    let renamed_away = change
+        .files
+        .iter()
+        .any(|f| f.old_path.as_deref() == Some(path));
+    Ok(renamed_away.then_some(FileBefore::Absent))
+}
+
+/// How many candidate events [`Store::file_before`] reads per query, and how many queries at
+/// most: `LIKE` finds candidates (the path's JSON anywhere in the file list), Rust confirms.
+const FILE_BEFORE_BATCH: i64 = 16;
+const FILE_BEFORE_ROUNDS: usize = 64;
 
 fn ack_record<R: Row>(r: &R) -> Result<AckRecord, StoreError>
 where
@@ -539,8 +612,11 @@ where
     }
 
     async fn topics(&self) -> Result<Vec<TopicSummary>, StoreError> {
+        // The current version's event is found by its seq (the primary key); it is gone once
+        // retention removed it.
         let rows = sqlx::query(
-            "SELECT name, repo, version, seq, commit_id, updated_at FROM topics ORDER BY name",
+            "SELECT t.name, t.repo, t.version, t.seq, t.commit_id, t.updated_at, e.author, e.message
+             FROM topics t LEFT JOIN events e ON e.seq = t.seq ORDER BY t.name",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -553,6 +629,8 @@ where
                     seq: u64_at(r, "seq")?,
                     commit: r.try_get("commit_id")?,
                     updated_at_ms: r.try_get("updated_at")?,
+                    author: r.try_get("author")?,
+                    message: r.try_get("message")?,
                 })
             })
             .collect()
@@ -644,26 +722,129 @@ where
     }
 
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY id");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(instance_record).collect()
+    }
+
+    async fn instances_page(
+        &self,
+        filter: &InstanceFilter,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<InstanceRecord>, u64), StoreError> {
+        // Only the filters given become clauses; every value is bound, never spliced.
+        let mut clauses: Vec<String> = Vec::new();
+        let mut values: Vec<String> = Vec::new();
+        if let Some(app) = &filter.app {
+            values.push(app.clone());
+            clauses.push(format!("app = ${}", values.len()));
+        }
+        if let Some((key, value)) = &filter.label {
+            // Labels are stored as compact JSON: `"key":"value"` appears exactly when the
+            // instance has that label (quotes inside keys and values are escaped).
+            values.push(like_anywhere(&format!(
+                "{}:{}",
+                to_json(key.as_str())?,
+                to_json(value.as_str())?
+            )));
+            clauses.push(format!(
+                "LOWER(labels) LIKE LOWER(${}) ESCAPE '\\'",
+                values.len()
+            ));
+        }
+        if let Some(text) = &filter.text {
+            values.push(like_anywhere(text));
+            let n = values.len();
+            clauses.push(format!(
+                "(LOWER(id) LIKE LOWER(${n}) ESCAPE '\\' OR LOWER(COALESCE(app, '')) LIKE LOWER(${n}) ESCAPE '\\')"
+            ));
+        }
+        if let Some(connected) = filter.connected {
+            clauses.push(format!("connected = {connected}"));
+        }
+        let filtered = |extra: Option<String>| {
+            let all: Vec<&str> = clauses
+                .iter()
+                .map(String::as_str)
+                .chain(extra.as_deref())
+                .collect();
+            if all.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", all.join(" AND "))
+            }
+        };
+        let count_sql = format!("SELECT COUNT(*) AS n FROM instances{}", filtered(None));
+        let mut count = sqlx::query(&count_sql);
+        for v in &values {
+            count = count.bind(v.as_str());
+        }
+        let total = u64_at(&count.fetch_one(&self.pool).await?, "n")?;
+        let after_clause = after.map(|_| format!("id > ${}", values.len() + 1));
+        let limit_at = values.len() + usize::from(after.is_some()) + 1;
+        let page_sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances{} ORDER BY id LIMIT ${limit_at}",
+            filtered(after_clause)
+        );
+        let mut page = sqlx::query(&page_sql);
+        for v in &values {
+            page = page.bind(v.as_str());
+        }
+        if let Some(after) = after {
+            page = page.bind(after);
+        }
+        let rows = page.bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        let records = rows.iter().map(instance_record).collect::<Result<_, _>>()?;
+        Ok((records, total))
+    }
+
+    async fn rollout_groups(&self) -> Result<(Vec<SubscriberGroup>, Vec<AckGroup>), StoreError> {
+        // One moment for both reads, so an instance is not counted in one and missed in the other.
+        let mut tx = match B::SNAPSHOT_BEGIN {
+            Some(begin) => self.pool.begin_with(begin).await?,
+            None => self.pool.begin().await?,
+        };
         let rows = sqlx::query(
-            "SELECT id, app, labels, subscriptions, connected, node, last_seen FROM instances ORDER BY id",
+            "SELECT subscriptions, connected, COUNT(*) AS n FROM instances
+             GROUP BY subscriptions, connected",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        rows.iter()
+        let subscribers = rows
+            .iter()
             .map(|r| {
-                Ok(InstanceRecord {
-                    id: r.try_get("id")?,
-                    app: r.try_get("app")?,
-                    labels: serde_json::from_str(r.try_get("labels")?)
-                        .map_err(|e| StoreError::Corrupt(format!("instance labels: {e}")))?,
-                    subscriptions: serde_json::from_str(r.try_get("subscriptions")?)
-                        .map_err(|e| StoreError::Corrupt(format!("instance subscriptions: {e}")))?,
+                Ok(SubscriberGroup {
+                    subscriptions: subscriptions(r.try_get("subscriptions")?)?,
                     connected: r.try_get("connected")?,
-                    node: r.try_get("node")?,
-                    last_seen_ms: r.try_get("last_seen")?,
+                    count: u64_at(r, "n")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let rows = sqlx::query(
+            "SELECT a.topic, a.version, a.status, i.connected, i.subscriptions, COUNT(*) AS n
+             FROM acks a JOIN instances i ON i.id = a.instance
+             GROUP BY a.topic, a.version, a.status, i.connected, i.subscriptions",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let acks = rows
+            .iter()
+            .map(|r| {
+                let status: &str = r.try_get("status")?;
+                Ok(AckGroup {
+                    topic: r.try_get("topic")?,
+                    version: u64_at(r, "version")?,
+                    status: AckStatus::parse(status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("ack status {status}")))?,
+                    connected: r.try_get("connected")?,
+                    subscriptions: subscriptions(r.try_get("subscriptions")?)?,
+                    count: u64_at(r, "n")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((subscribers, acks))
     }
 
     async fn expire_instances(&self, disconnected_before_ms: i64) -> Result<u64, StoreError> {
@@ -801,6 +982,91 @@ where
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(ack_record).collect()
+    }
+
+    async fn acks_for(&self, instances: &[String]) -> Result<Vec<AckRecord>, StoreError> {
+        let mut acks = Vec::new();
+        for ids in instances.chunks(NAMES_PER_QUERY) {
+            let sql = format!(
+                "SELECT instance, topic, version, status, error, acked_at FROM acks
+                 WHERE instance IN ({}) ORDER BY instance, topic",
+                placeholders(1, ids.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in ids {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                acks.push(ack_record(&row)?);
+            }
+        }
+        Ok(acks)
+    }
+
+    async fn topic_change(
+        &self,
+        topic: &str,
+        version: u64,
+    ) -> Result<Option<LoggedChange>, StoreError> {
+        let row =
+            sqlx::query("SELECT frame, created_at FROM events WHERE topic = $1 AND version = $2")
+                .bind(topic)
+                .bind(to_i64(version))
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok(LoggedChange {
+                change: change_of(r.try_get("frame")?)?,
+                created_at_ms: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn file_before(
+        &self,
+        topic: &str,
+        path: &str,
+        version: u64,
+    ) -> Result<FileBefore, StoreError> {
+        // The file lists hold the path as a JSON string (as `path` or `old_path`): a LIKE on it
+        // finds the candidates through the topic's events; decoding the frame decides.
+        let pattern = like_anywhere(&to_json(path)?);
+        let mut below = to_i64(version);
+        for _ in 0..FILE_BEFORE_ROUNDS {
+            let rows = sqlx::query(
+                "SELECT version, frame FROM events
+                 WHERE topic = $1 AND version < $2 AND files LIKE $3 ESCAPE '\\'
+                 ORDER BY version DESC LIMIT $4",
+            )
+            .bind(topic)
+            .bind(below)
+            .bind(pattern.as_str())
+            .bind(FILE_BEFORE_BATCH)
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &rows {
+                if let Some(found) = file_in(&change_of(r.try_get("frame")?)?, path)? {
+                    return Ok(found);
+                }
+                below = r.try_get("version")?;
+            }
+            if i64::try_from(rows.len()).unwrap_or(i64::MAX) < FILE_BEFORE_BATCH {
+                // No logged change below touched it: it never existed if the log still holds
+                // the topic's first version, otherwise the log no longer says.
+                let first = sqlx::query("SELECT MIN(version) AS v FROM events WHERE topic = $1")
+                    .bind(topic)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get::<Option<i64>, _>("v")?;
+                return Ok(if first == Some(1) {
+                    FileBefore::Absent
+                } else {
+                    FileBefore::Unknown
+                });
+            }
+        }
+        Ok(FileBefore::Unknown)
     }
 
     async fn trim(&self, max_events: u64, max_age_ms: i64) -> Result<u64, StoreError> {
