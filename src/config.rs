@@ -208,6 +208,21 @@ pub struct LimitsConfig {
     /// Refused credentials recorded one by one per minute, per replica; beyond it they are
     /// counted and recorded as one summary entry, so a flood cannot grow the database.
     pub audit_refusals_per_minute: u32,
+    /// Longest command name (`[A-Za-z0-9._-]`, starting with a letter or digit).
+    pub max_command_name_bytes: usize,
+    /// Largest command `args`, as compact JSON.
+    pub max_command_args_bytes: usize,
+    /// Most instance ids one command may name in an `instances` target.
+    pub max_command_instances: usize,
+    /// Deadline of a command sent without one.
+    pub default_command_deadline_secs: u64,
+    /// Longest deadline a command may ask for.
+    pub max_command_deadline_secs: u64,
+    /// Commands whose deadline has not passed, at once; beyond it `POST /api/v1/commands` is
+    /// refused until one expires.
+    pub max_active_commands: u64,
+    /// Commands kept with their per-instance outcomes, newest first; older ones are forgotten.
+    pub max_commands_kept: u64,
 }
 
 impl Default for LimitsConfig {
@@ -234,6 +249,13 @@ impl Default for LimitsConfig {
             instance_expiry_secs: 7 * 24 * 3600,
             max_audit_entries: 100_000,
             audit_refusals_per_minute: 60,
+            max_command_name_bytes: 64,
+            max_command_args_bytes: 16 * 1024,
+            max_command_instances: 1000,
+            default_command_deadline_secs: 300,
+            max_command_deadline_secs: 24 * 3600,
+            max_active_commands: 100,
+            max_commands_kept: 1000,
         }
     }
 }
@@ -250,9 +272,18 @@ impl LimitsConfig {
         let per_file = u64::try_from(self.max_path_bytes.saturating_mul(4).saturating_add(256))
             .unwrap_or(u64::MAX);
         let files = u64::try_from(self.max_topic_files).unwrap_or(u64::MAX);
-        content
+        let changes = content
             .saturating_add(per_file.saturating_mul(files))
-            .saturating_add(64 * 1024)
+            .saturating_add(64 * 1024);
+        // A `command` frame: its args exactly as measured (compact JSON, which the frame
+        // repeats byte for byte), its name, and 4 KiB for the id, deadline and framing.
+        let command = u64::try_from(
+            self.max_command_args_bytes
+                .saturating_add(self.max_command_name_bytes)
+                .saturating_add(4096),
+        )
+        .unwrap_or(u64::MAX);
+        changes.max(command)
     }
 }
 
@@ -583,6 +614,15 @@ impl Config {
             return Err(ConfigError::key(
                 "server.connection_queue",
                 "must be greater than 0",
+            ));
+        }
+        let limits = &self.limits;
+        if limits.default_command_deadline_secs == 0
+            || limits.default_command_deadline_secs > limits.max_command_deadline_secs
+        {
+            return Err(ConfigError::key(
+                "limits.default_command_deadline_secs",
+                "must be at least 1 and at most limits.max_command_deadline_secs",
             ));
         }
         if self.server.keepalive_timeout_secs <= self.server.heartbeat_secs {

@@ -137,6 +137,7 @@ mod server {
         let tracker = TaskTracker::new();
         let hub = Hub::new(config.server.connection_queue);
         tracker.spawn(hub.clone().feed(store.clone(), token.clone()));
+        tracker.spawn(hub.clone().dispatch_commands(store.clone(), token.clone()));
         {
             let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
             tracker.spawn(async move { store.watch(wake, token).await });

@@ -112,6 +112,9 @@ struct AgentArgs {
     /// Where the agent keeps its resume state (default DIR/.confcast/state).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// A command the server may send, as NAME=SHELL (run with `sh -c`); repeatable.
+    #[arg(long = "command")]
+    commands: Vec<String>,
 }
 
 /// The agent's TOML file.
@@ -133,6 +136,9 @@ struct AgentFile {
     rollback_on_failure: bool,
     token_env: Option<String>,
     state_dir: Option<PathBuf>,
+    /// `[commands]`: command name = shell command.
+    #[serde(default)]
+    commands: std::collections::BTreeMap<String, String>,
 }
 
 fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOptions> {
@@ -191,6 +197,13 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
     client.identity.labels = labels;
     client.token = token;
     client.state_dir = args.state_dir.or(file.state_dir);
+    let mut commands = file.commands;
+    for c in &args.commands {
+        let (name, shell) = c
+            .split_once('=')
+            .with_context(|| format!("--command {c}: expected NAME=SHELL"))?;
+        commands.insert(name.to_string(), shell.to_string());
+    }
     Ok(confcast::agent::AgentOptions {
         client,
         dir,
@@ -199,6 +212,7 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
             args.exec_timeout.or(file.exec_timeout_secs).unwrap_or(30),
         ),
         rollback_on_failure: args.rollback_on_failure || file.rollback_on_failure,
+        commands,
     })
 }
 

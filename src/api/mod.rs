@@ -2,6 +2,8 @@
 //! the health probes, plus the query API's handlers. It sits on top: it imports the webhook and
 //! WebSocket handlers, and nothing below imports it (they share [`crate::app`]).
 
+mod commands;
+
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, Request, State};
@@ -29,10 +31,13 @@ pub fn router(app: AppState) -> Router {
         .route("/api/v1/instances", get(instances))
         .route("/api/v1/instances/{id}", get(instance))
         .route("/api/v1/repos", get(repos))
+        .route("/api/v1/commands", get(commands::list))
+        .route("/api/v1/commands/{id}", get(commands::show))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_read));
     let admin = Router::new()
         .route("/api/v1/repos/{name}/sync", post(force_sync))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/commands", post(commands::create))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     Router::new()
         .route("/webhooks/{repo}", post(crate::webhook::handle))

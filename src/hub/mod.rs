@@ -6,6 +6,7 @@
 //! of growing memory or slowing anyone else. Reading from the log, never from the publisher's hands,
 //! keeps the order gap-free whoever published.
 
+pub mod commands;
 pub mod connection;
 
 use std::collections::HashMap;
@@ -40,6 +41,10 @@ pub struct Hub {
     /// instance id -> the connection holding it on this replica
     live: Mutex<HashMap<String, Holder>>,
     next_connection: std::sync::atomic::AtomicU64,
+    /// The commands whose deadline is ahead (see [`commands`]).
+    commands: tokio::sync::watch::Sender<Arc<Vec<crate::store::ActiveCommand>>>,
+    /// Wakes the command dispatcher.
+    command_wake: Notify,
 }
 
 impl Hub {
@@ -50,6 +55,8 @@ impl Hub {
             wake: Arc::new(Notify::new()),
             live: Mutex::new(HashMap::new()),
             next_connection: std::sync::atomic::AtomicU64::new(1),
+            commands: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
+            command_wake: Notify::new(),
         })
     }
 
@@ -105,7 +112,8 @@ impl Hub {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
+                // Another replica's notification may be for a new command: the dispatcher looks.
+                _ = self.wake.notified() => self.command_wake.notify_one(),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
