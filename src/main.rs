@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod command_cli;
+
 #[derive(Parser)]
 #[command(
     name = "confcast",
@@ -41,6 +43,9 @@ enum Command {
     },
     /// Materialize topics as files under a directory and run a reload command on each new version.
     Agent(Box<AgentArgs>),
+    /// Send commands to instances (refresh-cache, ...) and see what each made of them.
+    #[command(subcommand)]
+    Command(command_cli::CommandCli),
     /// Measure: replay speed, fan-out latency. Prints figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -310,6 +315,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Fanout { instances, changes }) => {
             confcast::bench::fanout(instances, changes).await?;
+            Ok(())
+        }
+        Command::Command(cli) => {
+            if !command_cli::run(cli).await? {
+                std::process::exit(i32::from(command_cli::NOT_ALL_DONE));
+            }
             Ok(())
         }
         Command::Agent(args) => {
