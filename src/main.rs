@@ -44,8 +44,8 @@ enum Command {
     /// Materialize topics as files under a directory and run a reload command on each new version.
     Agent(Box<AgentArgs>),
     /// Send commands to instances (refresh-cache, ...) and see what each made of them.
-    #[command(subcommand)]
-    Command(command_cli::CommandCli),
+    #[command(name = "command", subcommand)]
+    Cmd(command_cli::CommandCli),
     /// Measure: replay speed, fan-out latency. Prints figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -317,7 +317,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             confcast::bench::fanout(instances, changes).await?;
             Ok(())
         }
-        Command::Command(cli) => {
+        Command::Cmd(cli) => {
             if !command_cli::run(cli).await? {
                 std::process::exit(i32::from(command_cli::NOT_ALL_DONE));
             }

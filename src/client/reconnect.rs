@@ -327,8 +327,10 @@ async fn run(
             since,
             &state,
             &tx,
-            &mut acks,
-            &mut unsent,
+            &mut TopicAcks {
+                acks: &mut acks,
+                unsent: &mut unsent,
+            },
             &mut commands,
         )
         .await;
@@ -368,6 +370,12 @@ async fn run(
     }
 }
 
+/// Topic acks from the application, and those not sent yet (the connection was down).
+struct TopicAcks<'a> {
+    acks: &'a mut mpsc::UnboundedReceiver<Ack>,
+    unsent: &'a mut VecDeque<Ack>,
+}
+
 /// The command side of the background task: acks from the application, what was seen, and acks
 /// not sent yet (the connection was down).
 struct Commands<'a> {
@@ -390,10 +398,10 @@ async fn serve(
     since: Option<u64>,
     state: &Arc<Mutex<LocalState>>,
     tx: &mpsc::Sender<Delivery>,
-    acks: &mut mpsc::UnboundedReceiver<Ack>,
-    unsent: &mut VecDeque<Ack>,
+    topic_acks: &mut TopicAcks<'_>,
     commands: &mut Commands<'_>,
 ) -> Ended {
+    let TopicAcks { acks, unsent } = topic_acks;
     // The latest verdict per topic from the local state first (an ack made just before the
     // process stopped may never have left it), then acks made while disconnected.
     let recorded = state.lock().map(|s| s.latest_acks()).unwrap_or_default();
