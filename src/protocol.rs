@@ -464,6 +464,42 @@ mod tests {
     }
 
     #[test]
+    fn command_messages_round_trip_and_stay_readable_by_revision_2_clients() {
+        let ack: ClientMessage = serde_json::from_str(
+            r#"{"type":"command_ack","id":"c1","status":"failed","message":"exit 3"}"#,
+        )
+        .expect("command_ack parses");
+        assert_eq!(
+            ack,
+            ClientMessage::CommandAck {
+                id: "c1".into(),
+                status: CommandStatus::Failed,
+                message: Some("exit 3".into()),
+            }
+        );
+        assert!(serde_json::from_str::<ClientMessage>(
+            r#"{"type":"command_ack","id":"c1","status":"applied"}"#
+        )
+        .is_err());
+        let command = ServerMessage::Command {
+            id: "c1".into(),
+            name: "refresh-cache".into(),
+            args: serde_json::json!({"scope": "all"}),
+            deadline_ms: Some(1_700_000_000_000),
+            seq: 0,
+        };
+        let text = serde_json::to_string(&command).expect("encode");
+        // A revision-2 client requires `seq` and ignores unknown fields: it still parses.
+        let old: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(old["seq"], 0);
+        assert_eq!(old["type"], "command");
+        assert_eq!(
+            serde_json::from_str::<ServerMessage>(&text).expect("decode"),
+            command
+        );
+    }
+
+    #[test]
     fn truncate_utf8_cuts_at_a_character_boundary() {
         assert_eq!(truncate_utf8("héllo", 2), "h");
         assert_eq!(truncate_utf8("héllo", 3), "hé");
