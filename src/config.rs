@@ -1182,6 +1182,28 @@ secret_env = "HOOK_SECRET"
     }
 
     #[test]
+    fn command_deadlines_are_checked_and_command_frames_fit_the_frame_bound() {
+        let c = parse(BASE, &[]).expect("valid");
+        assert!(c.limits.max_frame_bytes() > c.limits.max_command_args_bytes as u64);
+        let long = format!(
+            "[limits]\ndefault_command_deadline_secs = 100\nmax_command_deadline_secs = 50\n{BASE}"
+        );
+        let err = parse(&long, &[])
+            .expect_err("default above max")
+            .to_string();
+        assert!(
+            err.contains("limits.default_command_deadline_secs"),
+            "{err}"
+        );
+        let zero = format!("[limits]\ndefault_command_deadline_secs = 0\n{BASE}");
+        assert!(parse(&zero, &[]).is_err());
+        // Tiny topics: the frame bound is then set by the largest command.
+        let tiny = format!("[limits]\nmax_topic_bytes = 1\nmax_topic_files = 1\nmax_path_bytes = 1\nmax_command_args_bytes = 1000000\n{BASE}");
+        let c = parse(&tiny, &[]).expect("valid");
+        assert!(c.limits.max_frame_bytes() >= 1_000_000 + 64 + 4096);
+    }
+
+    #[test]
     fn a_wide_listener_needs_credentials_unless_anonymous_is_allowed() {
         let c = parse(BASE, &[]).expect("valid");
         let wide: SocketAddr = "0.0.0.0:8080".parse().expect("addr");

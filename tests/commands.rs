@@ -802,3 +802,61 @@ async fn the_cli_sends_and_waits_until_every_instance_is_done() {
     assert_eq!(code, 1);
     assert!(stderr.contains("403"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_hands_a_command_over_once_and_acks_it() {
+    use confcast::client::{Client, ClientOptions, Delivery};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    wait_synced(&server).await;
+    let base = base(&server);
+    let mut client = Client::start(ClientOptions::new(
+        server.ws_url(),
+        "embedded-1",
+        &["payments"],
+    ))
+    .expect("client");
+    let id = send(
+        &base,
+        None,
+        json!({"target": {"instances": ["embedded-1"]}, "name": "refresh-cache", "args": {"n": 1}, "deadline_secs": 60}),
+    )
+    .await;
+    let command = tokio::time::timeout(WAIT, async {
+        loop {
+            match client.next().await.expect("client running") {
+                Delivery::Command {
+                    id,
+                    name,
+                    args,
+                    deadline_ms,
+                } => return (id, name, args, deadline_ms),
+                Delivery::Update(u) => client
+                    .ack(
+                        &u.topic,
+                        u.version,
+                        confcast::protocol::AckStatus::Applied,
+                        None,
+                    )
+                    .expect("ack"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the command arrives");
+    assert_eq!(
+        (command.0.as_str(), command.1.as_str()),
+        (id.as_str(), "refresh-cache")
+    );
+    assert_eq!(command.2, json!({"n": 1}));
+    let c = show(&base, &id).await;
+    assert_eq!(command.3, c["deadline_ms"].as_i64());
+    client.ack_command(&id, CommandStatus::Failed, Some("x".repeat(10_000)));
+    let c = wait_command(&base, &id, |c| c["counts"]["failed"] == 1).await;
+    assert_eq!(
+        row(&c, "embedded-1")["message"].as_str().map(str::len),
+        Some(4096)
+    );
+}
