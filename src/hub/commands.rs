@@ -218,16 +218,26 @@ impl Hub {
         store: Arc<dyn Store>,
         shutdown: CancellationToken,
     ) {
+        // Once at start (commands that passed their deadline while this replica was down), then
+        // only when a command it holds is due: no write statement every second for nothing.
+        let mut expire_due = true;
         loop {
             let now = now_ms();
-            match store.expire_commands(now).await {
-                Ok(expired) => {
-                    for (id, left) in expired {
-                        tracing::info!(command = %id, never_acked = left, "command deadline passed");
-                        outcome(&id, Outcome::Expired, left);
+            expire_due |= self.commands.borrow().iter().any(|c| c.deadline_ms <= now);
+            if expire_due {
+                expire_due = false;
+                match store.expire_commands(now).await {
+                    Ok(expired) => {
+                        for (id, left) in expired {
+                            tracing::info!(command = %id, never_acked = left, "command deadline passed");
+                            outcome(&id, Outcome::Expired, left);
+                        }
+                    }
+                    Err(e) => {
+                        expire_due = true;
+                        tracing::warn!(error = %e, "could not expire commands");
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "could not expire commands"),
             }
             match store.active_commands(now).await {
                 Ok(active) => {
