@@ -860,3 +860,67 @@ async fn the_rust_client_hands_a_command_over_once_and_acks_it() {
         Some(4096)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_does_not_hand_over_a_redelivered_command_twice() {
+    use confcast::client::{Client, ClientOptions};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    wait_synced(&server).await;
+    let base = base(&server);
+    let mut options = ClientOptions::new(server.ws_url(), "embedded-2", &["payments"]);
+    options.backoff_initial = Duration::from_millis(50);
+    options.backoff_max = Duration::from_millis(200);
+    let mut client = Client::start(options).expect("client");
+    let first = send(
+        &base,
+        None,
+        json!({"target": {"instances": ["embedded-2"]}, "name": "refresh-cache"}),
+    )
+    .await;
+    assert_eq!(next_command(&mut client).await, first);
+
+    // Another connection takes the id over (the client is closed with 4010 and comes back):
+    // the command, not acked yet, is sent again on each connection.
+    let identity = Identity {
+        instance: "embedded-2".into(),
+        ..Identity::default()
+    };
+    let intruder = Session::connect(&server.ws_url(), &identity)
+        .await
+        .expect("connects");
+    let c = wait_command(&base, &first, |c| {
+        row(c, "embedded-2")["deliveries"].as_u64() >= Some(3)
+    })
+    .await;
+    assert_eq!(row(&c, "embedded-2")["status"], "delivered");
+    drop(intruder);
+
+    // The application was handed it once: the next command it sees is the second one.
+    let second = send(
+        &base,
+        None,
+        json!({"target": {"instances": ["embedded-2"]}, "name": "refresh-cache"}),
+    )
+    .await;
+    assert_eq!(next_command(&mut client).await, second);
+    client.ack_command(&first, CommandStatus::Done, None);
+    client.ack_command(&second, CommandStatus::Done, None);
+    wait_command(&base, &first, |c| c["counts"]["done"] == 1).await;
+    wait_command(&base, &second, |c| c["counts"]["done"] == 1).await;
+}
+
+/// The id of the next command a `Client` hands over.
+async fn next_command(client: &mut confcast::client::Client) -> String {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let delivery = client.next().await.expect("client running");
+            if let confcast::client::Delivery::Command { id, .. } = delivery {
+                return id;
+            }
+        }
+    })
+    .await
+    .expect("a command within the wait")
+}
