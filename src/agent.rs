@@ -21,7 +21,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::client::state::Files;
 use crate::client::{Client, ClientOptions, Delivery};
-use crate::protocol::AckStatus;
+use crate::protocol::{AckStatus, CommandStatus};
 
 /// The agent's own directory inside `DIR`.
 pub const META: &str = ".confcast";
@@ -35,6 +35,10 @@ pub struct AgentOptions {
     pub exec_timeout: Duration,
     /// On a failed reload, put the previous files back.
     pub rollback_on_failure: bool,
+    /// Command name -> shell command run with `sh -c` when the server sends that command (its
+    /// args in `CONFCAST_COMMAND_ARGS`, never in the shell text); exit 0 = done. Bounded by
+    /// `exec_timeout` like the reload command.
+    pub commands: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -347,7 +351,15 @@ pub async fn run(
             Delivery::Disconnected { reason } => {
                 tracing::warn!(%reason, "disconnected; reconnecting")
             }
-            Delivery::Command { name, args } => tracing::info!(%name, %args, "command received"),
+            Delivery::Command {
+                id,
+                name,
+                args,
+                deadline_ms,
+            } => {
+                let (status, message) = run_command(&opts, &id, &name, &args, deadline_ms).await;
+                client.ack_command(&id, status, message);
+            }
             Delivery::Update(update) => {
                 let span =
                     tracing::info_span!("apply", topic = %update.topic, version = update.version);
@@ -381,6 +393,69 @@ pub async fn run(
                 client.ack(&update.topic, update.version, status, error)?;
             }
         }
+    }
+}
+
+/// Runs the shell command mapped to `name` with the command's id, name, args and deadline in its
+/// environment; `Done` on exit 0, otherwise `Failed` with the exit status and the stderr tail.
+pub async fn run_command(
+    opts: &AgentOptions,
+    id: &str,
+    name: &str,
+    args: &serde_json::Value,
+    deadline_ms: Option<i64>,
+) -> (CommandStatus, Option<String>) {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("command", command = %id, %name);
+    run_mapped(opts, id, name, args, deadline_ms)
+        .instrument(span)
+        .await
+}
+
+async fn run_mapped(
+    opts: &AgentOptions,
+    id: &str,
+    name: &str,
+    args: &serde_json::Value,
+    deadline_ms: Option<i64>,
+) -> (CommandStatus, Option<String>) {
+    let Some(shell) = opts.commands.get(name) else {
+        tracing::warn!("no command configured under this name; acked failed");
+        return (
+            CommandStatus::Failed,
+            Some(format!(
+                "no command configured for `{name}` in the agent's [commands]"
+            )),
+        );
+    };
+    let env = [
+        ("CONFCAST_COMMAND_ID", id.to_string()),
+        ("CONFCAST_COMMAND_NAME", name.to_string()),
+        ("CONFCAST_COMMAND_ARGS", args.to_string()),
+        (
+            "CONFCAST_COMMAND_DEADLINE_MS",
+            deadline_ms.map(|d| d.to_string()).unwrap_or_default(),
+        ),
+        ("CONFCAST_DIR", opts.dir.display().to_string()),
+    ];
+    match reload(shell, opts.exec_timeout, &env).await {
+        Ok(()) => {
+            tracing::info!("command done");
+            (CommandStatus::Done, None)
+        }
+        Err(ApplyError::Reload {
+            status,
+            stderr_tail,
+        }) => {
+            tracing::warn!(%status, "command failed");
+            let message = if stderr_tail.is_empty() {
+                format!("command failed ({status})")
+            } else {
+                format!("command failed ({status}): {stderr_tail}")
+            };
+            (CommandStatus::Failed, Some(message))
+        }
+        Err(e) => (CommandStatus::Failed, Some(e.to_string())),
     }
 }
 

@@ -205,6 +205,12 @@ pub enum AppError {
     Timeout(String),
     #[error("request body is larger than the limit of {0} bytes (server.max_body_bytes)")]
     TooLarge(usize),
+    /// A part of a request over its `[limits]` cap (413); the message names the cap.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// A cap on things held at once is reached (429); the message says what to wait for.
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -228,7 +234,8 @@ impl IntoResponse for AppError {
                 )
                     .into_response();
             }
-            AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::TooLarge(_) | AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Store(e) => {
                 tracing::error!(error = %e, "store error while answering a request");

@@ -210,6 +210,21 @@ pub struct LimitsConfig {
     pub audit_refusals_per_minute: u32,
     /// Dashboard event streams (`GET /api/v1/events`) open at once; beyond it: 503 + Retry-After.
     pub max_event_streams: usize,
+    /// Longest command name (`[A-Za-z0-9._-]`, starting with a letter or digit).
+    pub max_command_name_bytes: usize,
+    /// Largest command `args`, as compact JSON.
+    pub max_command_args_bytes: usize,
+    /// Most instance ids one command may name in an `instances` target.
+    pub max_command_instances: usize,
+    /// Deadline of a command sent without one.
+    pub default_command_deadline_secs: u64,
+    /// Longest deadline a command may ask for.
+    pub max_command_deadline_secs: u64,
+    /// Commands whose deadline has not passed, at once; beyond it `POST /api/v1/commands` is
+    /// refused until one expires.
+    pub max_active_commands: u64,
+    /// Commands kept with their per-instance outcomes, newest first; older ones are forgotten.
+    pub max_commands_kept: u64,
 }
 
 impl Default for LimitsConfig {
@@ -237,6 +252,13 @@ impl Default for LimitsConfig {
             max_audit_entries: 100_000,
             audit_refusals_per_minute: 60,
             max_event_streams: 256,
+            max_command_name_bytes: 64,
+            max_command_args_bytes: 16 * 1024,
+            max_command_instances: 1000,
+            default_command_deadline_secs: 300,
+            max_command_deadline_secs: 24 * 3600,
+            max_active_commands: 100,
+            max_commands_kept: 1000,
         }
     }
 }
@@ -253,9 +275,18 @@ impl LimitsConfig {
         let per_file = u64::try_from(self.max_path_bytes.saturating_mul(4).saturating_add(256))
             .unwrap_or(u64::MAX);
         let files = u64::try_from(self.max_topic_files).unwrap_or(u64::MAX);
-        content
+        let changes = content
             .saturating_add(per_file.saturating_mul(files))
-            .saturating_add(64 * 1024)
+            .saturating_add(64 * 1024);
+        // A `command` frame: its args exactly as measured (compact JSON, which the frame
+        // repeats byte for byte), its name, and 4 KiB for the id, deadline and framing.
+        let command = u64::try_from(
+            self.max_command_args_bytes
+                .saturating_add(self.max_command_name_bytes)
+                .saturating_add(4096),
+        )
+        .unwrap_or(u64::MAX);
+        changes.max(command)
     }
 }
 
@@ -586,6 +617,15 @@ impl Config {
             return Err(ConfigError::key(
                 "server.connection_queue",
                 "must be greater than 0",
+            ));
+        }
+        let limits = &self.limits;
+        if limits.default_command_deadline_secs == 0
+            || limits.default_command_deadline_secs > limits.max_command_deadline_secs
+        {
+            return Err(ConfigError::key(
+                "limits.default_command_deadline_secs",
+                "must be at least 1 and at most limits.max_command_deadline_secs",
             ));
         }
         if self.server.keepalive_timeout_secs <= self.server.heartbeat_secs {
@@ -1142,6 +1182,28 @@ secret_env = "HOOK_SECRET"
         );
         let err = parse(&tls, &[]).expect_err("missing cert").to_string();
         assert!(err.contains("server.tls.cert_file"), "{err}");
+    }
+
+    #[test]
+    fn command_deadlines_are_checked_and_command_frames_fit_the_frame_bound() {
+        let c = parse(BASE, &[]).expect("valid");
+        assert!(c.limits.max_frame_bytes() > c.limits.max_command_args_bytes as u64);
+        let long = format!(
+            "[limits]\ndefault_command_deadline_secs = 100\nmax_command_deadline_secs = 50\n{BASE}"
+        );
+        let err = parse(&long, &[])
+            .expect_err("default above max")
+            .to_string();
+        assert!(
+            err.contains("limits.default_command_deadline_secs"),
+            "{err}"
+        );
+        let zero = format!("[limits]\ndefault_command_deadline_secs = 0\n{BASE}");
+        assert!(parse(&zero, &[]).is_err());
+        // Tiny topics: the frame bound is then set by the largest command.
+        let tiny = format!("[limits]\nmax_topic_bytes = 1\nmax_topic_files = 1\nmax_path_bytes = 1\nmax_command_args_bytes = 1000000\n{BASE}");
+        let c = parse(&tiny, &[]).expect("valid");
+        assert!(c.limits.max_frame_bytes() >= 1_000_000 + 64 + 4096);
     }
 
     #[test]

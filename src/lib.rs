@@ -148,6 +148,10 @@ mod server {
         );
         tracker.spawn(metrics.clone().watch_rollouts(store.clone(), token.clone()));
         tracker.spawn(hub.rollouts.clone().run(store.clone(), token.clone()));
+        tracker.spawn(
+            hub.clone()
+                .dispatch_commands(store.clone(), metrics.clone(), token.clone()),
+        );
         {
             let (store, wake, token) = (store.clone(), hub.waker(), token.clone());
             tracker.spawn(async move { store.watch(wake, token).await });

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod command_cli;
+
 #[derive(Parser)]
 #[command(
     name = "confcast",
@@ -41,6 +43,9 @@ enum Command {
     },
     /// Materialize topics as files under a directory and run a reload command on each new version.
     Agent(Box<AgentArgs>),
+    /// Send commands to instances (refresh-cache, ...) and see what each made of them.
+    #[command(name = "command", subcommand)]
+    Cmd(command_cli::CommandCli),
     /// Measure: replay speed, fan-out latency. Prints figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -112,6 +117,9 @@ struct AgentArgs {
     /// Where the agent keeps its resume state (default DIR/.confcast/state).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// A command the server may send, as NAME=SHELL (run with `sh -c`); repeatable.
+    #[arg(long = "command")]
+    commands: Vec<String>,
 }
 
 /// The agent's TOML file.
@@ -133,6 +141,9 @@ struct AgentFile {
     rollback_on_failure: bool,
     token_env: Option<String>,
     state_dir: Option<PathBuf>,
+    /// `[commands]`: command name = shell command.
+    #[serde(default)]
+    commands: std::collections::BTreeMap<String, String>,
 }
 
 fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOptions> {
@@ -191,6 +202,13 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
     client.identity.labels = labels;
     client.token = token;
     client.state_dir = args.state_dir.or(file.state_dir);
+    let mut commands = file.commands;
+    for c in &args.commands {
+        let (name, shell) = c
+            .split_once('=')
+            .with_context(|| format!("--command {c}: expected NAME=SHELL"))?;
+        commands.insert(name.to_string(), shell.to_string());
+    }
     Ok(confcast::agent::AgentOptions {
         client,
         dir,
@@ -199,6 +217,7 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
             args.exec_timeout.or(file.exec_timeout_secs).unwrap_or(30),
         ),
         rollback_on_failure: args.rollback_on_failure || file.rollback_on_failure,
+        commands,
     })
 }
 
@@ -296,6 +315,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Fanout { instances, changes }) => {
             confcast::bench::fanout(instances, changes).await?;
+            Ok(())
+        }
+        Command::Cmd(cli) => {
+            if !command_cli::run(cli).await? {
+                std::process::exit(i32::from(command_cli::NOT_ALL_DONE));
+            }
             Ok(())
         }
         Command::Agent(args) => {

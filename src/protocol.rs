@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Protocol revision announced in `welcome`; bumped on an incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// WebSocket close codes confcast uses (4000-4999 is the application range).
 pub mod close {
@@ -80,6 +80,38 @@ pub enum ClientMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// What the instance did with a `command` delivered to it (revision 3).
+    CommandAck {
+        id: String,
+        status: CommandStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+}
+
+/// An instance's verdict on a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandStatus {
+    Done,
+    Failed,
+}
+
+impl CommandStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandStatus::Done => "done",
+            CommandStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "done" => Some(CommandStatus::Done),
+            "failed" => Some(CommandStatus::Failed),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,15 +172,31 @@ pub enum ServerMessage {
     /// Sent every `heartbeat_secs` to a client that asked for it in `hello`.
     Heartbeat,
     Change(Change),
+    /// Something to do now, for the instance to ack with `command_ack` (revision 3). Not a log
+    /// entry: it has no position, and the same `id` may come again after a reconnect.
     Command {
-        seq: u64,
+        id: String,
         name: String,
         #[serde(default)]
         args: serde_json::Value,
+        /// When the command stops being delivered (ms since the Unix epoch).
+        #[serde(default)]
+        deadline_ms: Option<i64>,
+        /// Always 0, never a position: only there because revision-2 clients require the field.
+        #[serde(default)]
+        seq: u64,
     },
     AckRecorded {
         topic: String,
         version: u64,
+    },
+    /// The receipt for a `command_ack`: `status` is the verdict that stands (the first one).
+    CommandRecorded {
+        id: String,
+        status: CommandStatus,
+        /// The command was already acked: this ack changed nothing.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
     },
     Error {
         code: String,
@@ -413,6 +461,42 @@ mod tests {
             r#"{"type":"ack","topic":"a","version":1,"status":"maybe"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn command_messages_round_trip_and_stay_readable_by_revision_2_clients() {
+        let ack: ClientMessage = serde_json::from_str(
+            r#"{"type":"command_ack","id":"c1","status":"failed","message":"exit 3"}"#,
+        )
+        .expect("command_ack parses");
+        assert_eq!(
+            ack,
+            ClientMessage::CommandAck {
+                id: "c1".into(),
+                status: CommandStatus::Failed,
+                message: Some("exit 3".into()),
+            }
+        );
+        assert!(serde_json::from_str::<ClientMessage>(
+            r#"{"type":"command_ack","id":"c1","status":"applied"}"#
+        )
+        .is_err());
+        let command = ServerMessage::Command {
+            id: "c1".into(),
+            name: "refresh-cache".into(),
+            args: serde_json::json!({"scope": "all"}),
+            deadline_ms: Some(1_700_000_000_000),
+            seq: 0,
+        };
+        let text = serde_json::to_string(&command).expect("encode");
+        // A revision-2 client requires `seq` and ignores unknown fields: it still parses.
+        let old: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(old["seq"], 0);
+        assert_eq!(old["type"], "command");
+        assert_eq!(
+            serde_json::from_str::<ServerMessage>(&text).expect("decode"),
+            command
+        );
     }
 
     #[test]

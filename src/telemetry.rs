@@ -142,7 +142,7 @@ pub enum CommandOutcome {
 impl CommandOutcome {
     const ALL: [CommandOutcome; 4] = [Self::Delivered, Self::Done, Self::Failed, Self::Expired];
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Delivered => "delivered",
             Self::Done => "done",
@@ -478,10 +478,10 @@ impl Metrics {
     }
 
     /// A command reached `outcome` for one instance.
-    pub fn command(&self, outcome: CommandOutcome) {
+    pub fn command(&self, outcome: CommandOutcome, n: u64) {
         self.commands
             .get_or_create(&[("outcome", outcome.as_str())])
-            .inc();
+            .inc_by(n);
     }
 
     /// Runs the store call `call` and records how long it took (failures included).
@@ -723,6 +723,8 @@ mod tests {
             seq: version,
             commit: "c".into(),
             updated_at_ms: 1_000,
+            author: None,
+            message: None,
         }
     }
 

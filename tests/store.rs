@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use confcast::protocol::{decode_content, AckStatus, Change, FileStatus, ServerMessage};
 use confcast::store::{
-    self, AckRejection, AuditEntry, AuditQuery, ChangedFile, Rejection, Store, SyncOutcome,
-    TopicChange,
+    self, AckRejection, AuditEntry, AuditQuery, ChangedFile, CommandAckOutcome, CommandRefusal,
+    NewCommand, Rejection, Store, SyncOutcome, TopicChange,
 };
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{oneshot, Notify};
@@ -1112,6 +1112,172 @@ mod contract {
         assert_eq!(before("a.toml", 4).await, Unknown);
         assert_eq!(before("c.toml", 5).await, Content(b"c = 3\n".to_vec()));
     }
+
+    fn new_command(id: &str, now: i64, deadline_ms: i64) -> NewCommand {
+        NewCommand {
+            id: id.into(),
+            name: "refresh-cache".into(),
+            args: serde_json::json!({"scope": "all"}),
+            target: serde_json::json!({"all": true}),
+            created_by: "operator".into(),
+            created_at_ms: now,
+            deadline_ms,
+        }
+    }
+
+    pub async fn commands_track_each_instance_and_keep_the_first_verdict(store: Arc<dyn Store>) {
+        use confcast::protocol::CommandStatus;
+        let now = super::now_ms();
+        let targeted = ["web-1".to_string(), "web-2".to_string()];
+        store
+            .create_command(&new_command("c1", now, now + 60_000), &targeted, 10, 0)
+            .await
+            .expect("create")
+            .expect("under the cap");
+        let (c, rows) = store.command("c1", now).await.expect("read").expect("c1");
+        assert_eq!(c.args, serde_json::json!({"scope": "all"}));
+        assert_eq!((c.counts.targeted, c.counts.pending), (2, 2));
+        assert!(rows
+            .iter()
+            .all(|r| r.status == "pending" && r.delivered_at_ms.is_none()));
+
+        // An ack before delivery is refused and changes nothing.
+        let refused = store
+            .record_command_ack("c1", "web-1", CommandStatus::Done, None, now)
+            .await
+            .expect("ack");
+        assert_eq!(refused, CommandAckOutcome::NotDelivered);
+
+        // Delivered twice (two connections), acked once; the second verdict does not count.
+        assert!(store
+            .command_delivered("c1", "web-1", now + 1)
+            .await
+            .expect("deliver"));
+        assert!(store
+            .command_delivered("c1", "web-1", now + 2)
+            .await
+            .expect("deliver"));
+        let first = store
+            .record_command_ack("c1", "web-1", CommandStatus::Failed, Some("boom"), now + 3)
+            .await
+            .expect("ack");
+        assert_eq!(first, CommandAckOutcome::Recorded);
+        let again = store
+            .record_command_ack("c1", "web-1", CommandStatus::Done, None, now + 4)
+            .await
+            .expect("ack");
+        assert_eq!(
+            again,
+            CommandAckOutcome::AlreadyFinished(CommandStatus::Failed)
+        );
+        assert!(
+            !store
+                .command_delivered("c1", "web-1", now + 5)
+                .await
+                .expect("deliver"),
+            "an acked command is not delivered again"
+        );
+        // An instance that was not known at creation is added when it receives it.
+        assert!(store
+            .command_delivered("c1", "web-3", now + 6)
+            .await
+            .expect("deliver"));
+        let (c, rows) = store
+            .command("c1", now + 7)
+            .await
+            .expect("read")
+            .expect("c1");
+        assert_eq!(
+            (
+                c.counts.targeted,
+                c.counts.pending,
+                c.counts.delivered,
+                c.counts.failed
+            ),
+            (3, 1, 1, 1)
+        );
+        let web1 = rows.iter().find(|r| r.instance == "web-1").expect("web-1");
+        assert_eq!(web1.status, "failed");
+        assert_eq!(web1.message.as_deref(), Some("boom"));
+        assert_eq!(
+            (web1.delivered_at_ms, web1.finished_at_ms),
+            (Some(now + 1), Some(now + 3))
+        );
+        assert_eq!(web1.deliveries, 2);
+        assert!(!c.expired && c.counts.expired == 0);
+
+        // Past the deadline: no longer active, expired once, undelivered ones counted.
+        let active = store.active_commands(now).await.expect("active");
+        assert_eq!(
+            active.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["c1"]
+        );
+        assert!(store
+            .active_commands(now + 60_000)
+            .await
+            .expect("active")
+            .is_empty());
+        let expired = store.expire_commands(now + 60_000).await.expect("expire");
+        assert_eq!(expired, vec![("c1".to_string(), 2)]);
+        assert!(store
+            .expire_commands(now + 60_001)
+            .await
+            .expect("expire")
+            .is_empty());
+        let (c, _) = store
+            .command("c1", now + 60_000)
+            .await
+            .expect("read")
+            .expect("c1");
+        assert!(c.expired);
+        assert_eq!(c.counts.expired, 2);
+    }
+
+    pub async fn commands_are_capped_listed_newest_first_and_kept_bounded(store: Arc<dyn Store>) {
+        let now = super::now_ms();
+        for id in ["a", "b"] {
+            store
+                .create_command(&new_command(id, now, now + 60_000), &[], 2, 3)
+                .await
+                .expect("create")
+                .expect("under the cap");
+        }
+        let refused = store
+            .create_command(&new_command("c", now, now + 60_000), &[], 2, 3)
+            .await
+            .expect("create");
+        assert_eq!(refused, Err(CommandRefusal::TooManyActive { active: 2 }));
+        assert!(
+            store.command("c", now).await.expect("read").is_none(),
+            "nothing stored"
+        );
+        assert_eq!(store.active_command_count(now).await.expect("count"), 2);
+        assert_eq!(
+            store
+                .active_command_count(now + 60_000)
+                .await
+                .expect("count"),
+            0
+        );
+        // The oldest beyond `keep` are forgotten, with their rows.
+        for id in ["d", "e", "f"] {
+            store
+                .create_command(&new_command(id, now, now + 1), &["x".to_string()], 10, 3)
+                .await
+                .expect("create")
+                .expect("under the cap");
+        }
+        let listed: Vec<String> = store
+            .commands(10, now + 2)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(listed, ["f", "e", "d"]);
+        assert!(store.command("a", now).await.expect("read").is_none());
+        assert_eq!(store.commands(1, now).await.expect("list").len(), 1);
+    }
 }
 
 // ---- the two backends -------------------------------------------------------------------------
@@ -1272,6 +1438,8 @@ on_every_store!(
     instances_page_filters_and_counts_ten_thousand,
     rollout_groups_count_alike_instances_and_acks_together,
     topic_change_and_file_before_read_the_log,
+    commands_track_each_instance_and_keep_the_first_verdict,
+    commands_are_capped_listed_newest_first_and_kept_bounded,
 );
 
 fn now_ms() -> i64 {

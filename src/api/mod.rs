@@ -2,6 +2,8 @@
 //! the health probes, plus the query API's handlers. It sits on top: it imports the webhook and
 //! WebSocket handlers, and nothing below imports it (they share [`crate::app`]).
 
+mod commands;
+
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, Request, State};
@@ -59,6 +61,9 @@ fn routes(app: Option<AppState>) -> Routes {
         .add(Method::GET, "/api/v1/repos", Read, repos)
         .add(Method::GET, "/api/v1/events", Read, events::events)
         .add(Method::GET, "/metrics", Read, metrics::scrape)
+        .add(Method::GET, "/api/v1/commands", Read, commands::list)
+        .add(Method::POST, "/api/v1/commands", Admin, commands::create)
+        .add(Method::GET, "/api/v1/commands/{id}", Read, commands::show)
         .add(Method::POST, "/api/v1/repos/{name}/sync", Admin, force_sync)
         .add(Method::GET, "/api/v1/audit", Admin, audit)
         .add(Method::GET, "/api/v1/openapi.json", Open, openapi)

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::protocol::{AckStatus, ClientMessage, ServerMessage};
+use crate::protocol::{AckStatus, ClientMessage, CommandStatus, ServerMessage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -244,9 +244,6 @@ impl Session {
                         self.epoch = Some(epoch.clone());
                     }
                 }
-                ServerMessage::Command { seq, .. } => {
-                    self.cursor = Some(self.cursor.map_or(*seq, |s| s.max(*seq)));
-                }
                 _ => {}
             }
             return Ok(message);
@@ -266,6 +263,22 @@ impl Session {
             version,
             status,
             error,
+        })
+        .await
+    }
+
+    /// Reports what this instance did with command `id` (from a `command` message). The server
+    /// answers `command_recorded` (also for a repeated ack: the first verdict stands).
+    pub async fn ack_command(
+        &mut self,
+        id: &str,
+        status: CommandStatus,
+        message: Option<String>,
+    ) -> Result<(), ClientError> {
+        self.send(&ClientMessage::CommandAck {
+            id: id.to_string(),
+            status,
+            message,
         })
         .await
     }

@@ -3,7 +3,7 @@
 //! acknowledged log position, drops versions already handled, and never loses an ack (acks made
 //! while disconnected are sent after the next hello).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::state::{Files, LocalState, StateError, Taken};
 use super::{Identity, Session};
-use crate::protocol::{AckStatus, Change, ServerMessage, Snapshot};
+use crate::protocol::{AckStatus, Change, CommandStatus, ServerMessage, Snapshot};
 
 /// How to reach confcast and what to receive.
 #[derive(Debug, Clone)]
@@ -80,9 +80,14 @@ pub struct Update {
 #[derive(Debug, Clone)]
 pub enum Delivery {
     Update(Update),
+    /// Something to do now (protocol revision 3). Ack it with [`Client::ack_command`]; each `id`
+    /// is delivered once per `Client`, however often the server sends it.
     Command {
+        id: String,
         name: String,
         args: serde_json::Value,
+        /// When the server stops delivering it (ms since the Unix epoch), if it said.
+        deadline_ms: Option<i64>,
     },
     /// Connected (or reconnected) to `url`.
     Connected {
@@ -101,10 +106,43 @@ struct Ack {
     error: Option<String>,
 }
 
+#[derive(Clone)]
+struct CommandAck {
+    id: String,
+    status: CommandStatus,
+    message: Option<String>,
+}
+
+/// Commands this client has seen, newest [`COMMANDS_REMEMBERED`]: a command the server sends
+/// again (after a reconnect, until it has the ack) is not handed to the application twice, and
+/// one already acked gets its ack again instead.
+#[derive(Default)]
+struct CommandMemory {
+    /// id -> the application's ack, once it gave one
+    seen: HashMap<String, Option<CommandAck>>,
+    order: VecDeque<String>,
+}
+
+const COMMANDS_REMEMBERED: usize = 1024;
+
+impl CommandMemory {
+    fn remember(&mut self, id: &str, ack: Option<CommandAck>) {
+        if self.seen.insert(id.to_string(), ack).is_none() {
+            self.order.push_back(id.to_string());
+            while self.order.len() > COMMANDS_REMEMBERED {
+                if let Some(old) = self.order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 /// The embeddable, reconnecting client. Dropping it stops its background task.
 pub struct Client {
     deliveries: mpsc::Receiver<Delivery>,
     acks: mpsc::UnboundedSender<Ack>,
+    command_acks: mpsc::UnboundedSender<CommandAck>,
     state: Arc<Mutex<LocalState>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -121,10 +159,12 @@ impl Client {
         let state = Arc::new(Mutex::new(LocalState::open(options.state_dir.as_deref())?));
         let (tx, deliveries) = mpsc::channel(64);
         let (acks, ack_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(options, state.clone(), tx, ack_rx));
+        let (command_acks, command_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(options, state.clone(), tx, ack_rx, command_rx));
         Ok(Client {
             deliveries,
             acks,
+            command_acks,
             state,
             task,
         })
@@ -165,6 +205,20 @@ impl Client {
         Ok(())
     }
 
+    /// Reports what this instance did with the command `id` ([`Delivery::Command`]): `Done`, or
+    /// `Failed` with a message (cut to 4 KiB). Sent as soon as the client is connected, again
+    /// after a reconnect if the server sends the command again. Kept in memory only: after a
+    /// restart of the process, a command still within its deadline comes again.
+    pub fn ack_command(&self, id: &str, status: CommandStatus, message: Option<String>) {
+        let message =
+            message.map(|m| crate::protocol::truncate_utf8(&m, MAX_ACK_ERROR_BYTES).to_string());
+        let _ = self.command_acks.send(CommandAck {
+            id: id.to_string(),
+            status,
+            message,
+        });
+    }
+
     /// The last applied files per topic (from the state directory after a restart), to start on
     /// while the server is unreachable.
     pub fn last_good(&self) -> std::collections::BTreeMap<String, (u64, Files)> {
@@ -192,8 +246,14 @@ async fn run(
     state: Arc<Mutex<LocalState>>,
     tx: mpsc::Sender<Delivery>,
     mut acks: mpsc::UnboundedReceiver<Ack>,
+    mut command_acks: mpsc::UnboundedReceiver<CommandAck>,
 ) {
     let mut unsent: VecDeque<Ack> = VecDeque::new();
+    let mut commands = Commands {
+        acks: &mut command_acks,
+        memory: CommandMemory::default(),
+        unsent: VecDeque::new(),
+    };
     let mut round = 0u32;
     let mut next_url = 0usize;
     let mut fresh = false;
@@ -267,8 +327,11 @@ async fn run(
             since,
             &state,
             &tx,
-            &mut acks,
-            &mut unsent,
+            &mut TopicAcks {
+                acks: &mut acks,
+                unsent: &mut unsent,
+            },
+            &mut commands,
         )
         .await;
         match reason {
@@ -307,6 +370,20 @@ async fn run(
     }
 }
 
+/// Topic acks from the application, and those not sent yet (the connection was down).
+struct TopicAcks<'a> {
+    acks: &'a mut mpsc::UnboundedReceiver<Ack>,
+    unsent: &'a mut VecDeque<Ack>,
+}
+
+/// The command side of the background task: acks from the application, what was seen, and acks
+/// not sent yet (the connection was down).
+struct Commands<'a> {
+    acks: &'a mut mpsc::UnboundedReceiver<CommandAck>,
+    memory: CommandMemory,
+    unsent: VecDeque<CommandAck>,
+}
+
 enum Ended {
     ClientDropped,
     /// Another connection with the same instance id took over.
@@ -321,9 +398,10 @@ async fn serve(
     since: Option<u64>,
     state: &Arc<Mutex<LocalState>>,
     tx: &mpsc::Sender<Delivery>,
-    acks: &mut mpsc::UnboundedReceiver<Ack>,
-    unsent: &mut VecDeque<Ack>,
+    topic_acks: &mut TopicAcks<'_>,
+    commands: &mut Commands<'_>,
 ) -> Ended {
+    let TopicAcks { acks, unsent } = topic_acks;
     // The latest verdict per topic from the local state first (an ack made just before the
     // process stopped may never have left it), then acks made while disconnected.
     let recorded = state.lock().map(|s| s.latest_acks()).unwrap_or_default();
@@ -346,6 +424,15 @@ async fn serve(
             return Ended::Lost(e.to_string());
         }
     }
+    while let Some(ack) = commands.unsent.pop_front() {
+        if let Err(e) = session
+            .ack_command(&ack.id, ack.status, ack.message.clone())
+            .await
+        {
+            commands.unsent.push_front(ack);
+            return Ended::Lost(e.to_string());
+        }
+    }
     let epoch = state
         .lock()
         .ok()
@@ -361,6 +448,14 @@ async fn serve(
                 let Some(ack) = ack else { return Ended::ClientDropped };
                 if let Err(e) = session.ack(&ack.topic, ack.version, ack.status, ack.error.clone()).await {
                     unsent.push_back(ack);
+                    return Ended::Lost(e.to_string());
+                }
+            }
+            ack = commands.acks.recv() => {
+                let Some(ack) = ack else { return Ended::ClientDropped };
+                commands.memory.remember(&ack.id, Some(ack.clone()));
+                if let Err(e) = session.ack_command(&ack.id, ack.status, ack.message.clone()).await {
+                    commands.unsent.push_back(ack);
                     return Ended::Lost(e.to_string());
                 }
             }
@@ -398,11 +493,22 @@ async fn serve(
                             }
                             None
                         }
-                        ServerMessage::Command { seq, name, args } => {
-                            if let Err(e) = st.covered(seq) {
-                                tracing::warn!(error = %e, "could not persist the resume position");
+                        // Not a log position (revision 3): `seq` is always 0 and ignored.
+                        ServerMessage::Command { id, name, args, deadline_ms, .. } => {
+                            match commands.memory.seen.get(&id) {
+                                // The server did not get our ack (sent on a connection that
+                                // was lost): send it again, the server keeps the first verdict.
+                                Some(Some(ack)) => {
+                                    commands.unsent.push_back(ack.clone());
+                                    None
+                                }
+                                // The application has it and has not acked yet.
+                                Some(None) => None,
+                                None => {
+                                    commands.memory.remember(&id, None);
+                                    Some(Delivery::Command { id, name, args, deadline_ms })
+                                }
                             }
-                            Some(Delivery::Command { name, args })
                         }
                         ServerMessage::Error { code, message } => {
                             tracing::warn!(%code, %message, "server error frame");
@@ -414,6 +520,12 @@ async fn serve(
                 if let Some(d) = delivery {
                     if tx.send(d).await.is_err() {
                         return Ended::ClientDropped;
+                    }
+                }
+                while let Some(ack) = commands.unsent.pop_front() {
+                    if let Err(e) = session.ack_command(&ack.id, ack.status, ack.message.clone()).await {
+                        commands.unsent.push_front(ack);
+                        return Ended::Lost(e.to_string());
                     }
                 }
             }

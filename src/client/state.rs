@@ -213,7 +213,7 @@ impl LocalState {
             .filter(|v| *v > 0)
     }
 
-    /// Marks the log as covered up to `seq` (a `subscribed` marker or a command) and persists
+    /// Marks the log as covered up to `seq` and persists
     /// the resume position.
     pub fn covered(&mut self, seq: u64) -> Result<(), StateError> {
         self.covered_change(seq);

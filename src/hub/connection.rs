@@ -15,11 +15,12 @@ use axum::response::Response;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
+use super::commands::{self, Candidate, CommandTarget, Outcome};
 use super::Frame;
 use crate::app::{bearer, AppError, AppState, Peer};
 use crate::auth::InstanceGrant;
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
-use crate::store::AckRejection;
+use crate::store::{AckRejection, ActiveCommand, CommandAckOutcome};
 use crate::telemetry::{Closed, Delivery, StoreCall, SubscribeMode};
 
 /// `GET /ws`. When instance credentials are configured, the upgrade needs one, as
@@ -79,6 +80,9 @@ struct Identity {
     instance: String,
     connection: u64,
     replaced: Arc<Notify>,
+    /// From the `hello`, for command targets.
+    app: Option<String>,
+    labels: BTreeMap<String, String>,
 }
 
 struct Connection {
@@ -92,6 +96,10 @@ struct Connection {
     last_heard: Instant,
     /// The client asked for `heartbeat` messages in its `hello`.
     heartbeat_wanted: bool,
+    /// The replica's active commands, from the accepted `hello` on.
+    commands: Option<tokio::sync::watch::Receiver<Arc<Vec<ActiveCommand>>>>,
+    /// Commands sent (or found acked) on this connection: each at most once per connection.
+    commands_seen: HashSet<String>,
 }
 
 impl Connection {
@@ -105,6 +113,8 @@ impl Connection {
             live: None,
             last_heard: Instant::now(),
             heartbeat_wanted: false,
+            commands: None,
+            commands_seen: HashSet::new(),
         }
     }
 
@@ -198,6 +208,14 @@ impl Connection {
                     }
                     Err(RecvError::Closed) => return End::Close(close::GOING_AWAY, "server shutting down"),
                 },
+                changed = next_commands(&mut self.commands) => {
+                    if changed.is_err() {
+                        return End::Close(close::GOING_AWAY, "server shutting down");
+                    }
+                    if let Some(end) = self.deliver_commands().await {
+                        return end;
+                    }
+                }
                 _ = ping.tick() => {
                     if self.last_heard.elapsed() > timeout {
                         return End::Close(close::KEEPALIVE_TIMEOUT, "keepalive timeout");
@@ -232,6 +250,13 @@ impl Connection {
                     }) = serde_json::from_str(&text)
                     {
                         self.on_ack(topic, version, status, error).await;
+                    } else if let Ok(ClientMessage::CommandAck {
+                        id,
+                        status,
+                        message,
+                    }) = serde_json::from_str(&text)
+                    {
+                        self.on_command_ack(id, status, message).await;
                     }
                 }
                 _ => {}
@@ -344,6 +369,11 @@ impl Connection {
                 status,
                 error,
             } => self.on_ack(topic, version, status, error).await,
+            ClientMessage::CommandAck {
+                id,
+                status,
+                message,
+            } => self.on_command_ack(id, status, message).await,
         };
         // Answering (a long replay, say) kept the loop from reading pongs: that time is not silence.
         self.last_heard = Instant::now();
@@ -431,6 +461,8 @@ impl Connection {
             instance: instance.clone(),
             connection,
             replaced,
+            app,
+            labels,
         });
         let welcome = ServerMessage::Welcome {
             protocol: protocol::PROTOCOL_VERSION,
@@ -440,7 +472,12 @@ impl Connection {
             max_frame_bytes: self.app.config.limits.max_frame_bytes(),
             epoch,
         };
-        self.send(&welcome).await.err()
+        if let Some(end) = self.send(&welcome).await.err() {
+            return Some(end);
+        }
+        // Commands waiting for this instance come right after its welcome.
+        self.commands = Some(self.app.hub.active_commands());
+        self.deliver_commands().await
     }
 
     async fn on_subscribe(
@@ -542,7 +579,8 @@ impl Connection {
             }
             self.app.hub.rollouts.stir();
         }
-        None
+        // A `topics` target may match now.
+        self.deliver_commands().await
     }
 
     /// Sends every matching topic's full state, then `subscribed`. Returns the seq it is valid at.
@@ -740,6 +778,143 @@ impl Connection {
                     .await
             }
         }
+    }
+}
+
+impl Connection {
+    /// Sends the active commands that target this instance and were not sent on this connection,
+    /// recording each delivery first; a command the instance already acked is not sent again.
+    async fn deliver_commands(&mut self) -> Option<End> {
+        let (Some(id), Some(rx)) = (&self.identity, &mut self.commands) else {
+            return None;
+        };
+        let active = rx.borrow_and_update().clone();
+        let instance = id.instance.clone();
+        let subscriptions: Vec<String> = self.filters.iter().map(|(p, _)| p.clone()).collect();
+        let due: Vec<&ActiveCommand> = {
+            let candidate = Candidate {
+                instance: &instance,
+                app: id.app.as_deref(),
+                labels: &id.labels,
+                subscriptions: &subscriptions,
+            };
+            active
+                .iter()
+                .filter(|c| !self.commands_seen.contains(&c.id))
+                .filter(|c| {
+                    serde_json::from_value::<CommandTarget>(c.target.clone())
+                        .is_ok_and(|t| t.matches(&candidate))
+                })
+                .collect()
+        };
+        for c in due {
+            let now = crate::store::now_ms();
+            if c.deadline_ms <= now {
+                continue;
+            }
+            match self
+                .app
+                .store
+                .command_delivered(&c.id, &instance, now)
+                .await
+            {
+                Ok(true) => {
+                    self.commands_seen.insert(c.id.clone());
+                    if let Err(end) = self.send(&commands::frame(c)).await {
+                        return Some(end);
+                    }
+                    tracing::info!(%instance, command = %c.id, name = %c.name, "command delivered");
+                    commands::outcome(&self.app.metrics, &c.id, Outcome::Delivered, 1);
+                }
+                Ok(false) => {
+                    // Acked before (on an earlier connection): nothing to send.
+                    self.commands_seen.insert(c.id.clone());
+                }
+                // Tried again when the active commands change or the instance subscribes.
+                Err(e) => {
+                    tracing::warn!(%instance, command = %c.id, error = %e, "could not record a command delivery")
+                }
+            }
+        }
+        None
+    }
+
+    async fn on_command_ack(
+        &mut self,
+        id: String,
+        status: protocol::CommandStatus,
+        message: Option<String>,
+    ) -> Option<End> {
+        let Some(identity) = &self.identity else {
+            return self
+                .error(error_code::OUT_OF_ORDER, "send hello first")
+                .await;
+        };
+        let instance = identity.instance.clone();
+        let max = self.app.config.limits.max_ack_error_bytes;
+        let message = message.map(|m| protocol::truncate_utf8(&m, max).to_string());
+        let recorded = self
+            .app
+            .store
+            .record_command_ack(
+                &id,
+                &instance,
+                status,
+                message.as_deref(),
+                crate::store::now_ms(),
+            )
+            .await;
+        match recorded {
+            Ok(CommandAckOutcome::Recorded) => {
+                tracing::info!(%instance, command = %id, status = status.as_str(), "command ack recorded");
+                let what = match status {
+                    protocol::CommandStatus::Done => Outcome::Done,
+                    protocol::CommandStatus::Failed => Outcome::Failed,
+                };
+                commands::outcome(&self.app.metrics, &id, what, 1);
+                self.send(&ServerMessage::CommandRecorded {
+                    id,
+                    status,
+                    duplicate: false,
+                })
+                .await
+                .err()
+            }
+            Ok(CommandAckOutcome::AlreadyFinished(first)) => self
+                .send(&ServerMessage::CommandRecorded {
+                    id,
+                    status: first,
+                    duplicate: true,
+                })
+                .await
+                .err(),
+            Ok(CommandAckOutcome::NotDelivered) => {
+                let shown = protocol::truncate_utf8(&id, 100);
+                self.error(
+                    error_code::FORBIDDEN,
+                    format!("no command `{shown}` was delivered to instance `{instance}`"),
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::error!(%instance, command = %id, error = %e, "command ack not recorded");
+                self.error(
+                    error_code::INTERNAL,
+                    "command ack not recorded; send it again",
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Waits for the active commands to change; pending forever before the `hello`.
+async fn next_commands(
+    rx: &mut Option<tokio::sync::watch::Receiver<Arc<Vec<ActiveCommand>>>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

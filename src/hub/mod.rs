@@ -6,6 +6,7 @@
 //! of growing memory or slowing anyone else. Reading from the log, never from the publisher's hands,
 //! keeps the order gap-free whoever published.
 
+pub mod commands;
 pub mod connection;
 pub mod rollouts;
 
@@ -44,6 +45,10 @@ pub struct Hub {
     next_connection: std::sync::atomic::AtomicU64,
     /// The live rollout board of the dashboards, stirred by what happens here.
     pub rollouts: Arc<rollouts::Rollouts>,
+    /// The commands whose deadline is ahead (see [`commands`]).
+    commands: tokio::sync::watch::Sender<Arc<Vec<crate::store::ActiveCommand>>>,
+    /// Wakes the command dispatcher.
+    command_wake: Notify,
 }
 
 impl Hub {
@@ -55,6 +60,8 @@ impl Hub {
             live: Mutex::new(HashMap::new()),
             next_connection: std::sync::atomic::AtomicU64::new(1),
             rollouts: rollouts::Rollouts::new(),
+            commands: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
+            command_wake: Notify::new(),
         })
     }
 
@@ -118,7 +125,8 @@ impl Hub {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
+                // Another replica's notification may be for a new command: the dispatcher looks.
+                _ = self.wake.notified() => self.command_wake.notify_one(),
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }

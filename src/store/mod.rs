@@ -256,6 +256,87 @@ pub enum FileBefore {
     Unknown,
 }
 
+/// A command as it is created: who asked, what, for whom, until when.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub id: String,
+    pub name: String,
+    pub args: serde_json::Value,
+    /// The target as the API took it (`{"all": true}`, `{"instances": [..]}`, ...).
+    pub target: serde_json::Value,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub deadline_ms: i64,
+}
+
+/// A command whose deadline has not passed, as connections deliver it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveCommand {
+    pub id: String,
+    pub name: String,
+    pub args: serde_json::Value,
+    pub target: serde_json::Value,
+    pub deadline_ms: i64,
+}
+
+/// How many targeted instances are where: `targeted` is the sum of the four others.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CommandCounts {
+    pub targeted: u64,
+    pub pending: u64,
+    pub delivered: u64,
+    pub done: u64,
+    pub failed: u64,
+    /// Targeted instances that did not ack before the deadline (pending or delivered once it
+    /// passed); 0 while the deadline is ahead.
+    pub expired: u64,
+}
+
+/// A command with its outcome so far.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandRecord {
+    pub id: String,
+    pub name: String,
+    pub args: serde_json::Value,
+    pub target: serde_json::Value,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub deadline_ms: i64,
+    /// The deadline has passed: nothing more is delivered.
+    pub expired: bool,
+    pub counts: CommandCounts,
+}
+
+/// One targeted instance of a command.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandInstance {
+    pub instance: String,
+    /// `pending`, `delivered`, `done` or `failed`.
+    pub status: String,
+    pub message: Option<String>,
+    pub delivered_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    /// How many times it was sent (once per connection until acked).
+    pub deliveries: u64,
+}
+
+/// Why a command was not created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandRefusal {
+    /// `limits.max_active_commands` commands have their deadline ahead.
+    TooManyActive { active: u64 },
+}
+
+/// What became of a `command_ack`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandAckOutcome {
+    Recorded,
+    /// Acked before: the first verdict stands.
+    AlreadyFinished(crate::protocol::CommandStatus),
+    /// The command was never delivered to this instance (or does not exist).
+    NotDelivered,
+}
+
 /// Why an ack was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AckRejection {
@@ -385,6 +466,49 @@ pub trait Store: Send + Sync + 'static {
     async fn record_audit(&self, entry: &AuditEntry, keep: u64) -> Result<u64, StoreError>;
     /// Audit entries, newest first.
     async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Creates a command with a `pending` row for each of `targeted`, unless `max_active`
+    /// commands already have their deadline ahead; keeps the newest `keep` commands. Wakes the
+    /// other replicas (PostgreSQL: the `confcast_log` notification) on commit.
+    async fn create_command(
+        &self,
+        command: &NewCommand,
+        targeted: &[String],
+        max_active: u64,
+        keep: u64,
+    ) -> Result<Result<(), CommandRefusal>, StoreError>;
+    /// How many commands have their deadline after `now_ms`.
+    async fn active_command_count(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Commands whose deadline is after `now_ms`, oldest first.
+    async fn active_commands(&self, now_ms: i64) -> Result<Vec<ActiveCommand>, StoreError>;
+    /// Records that `command` is being sent to `instance`; `false` (nothing recorded) when the
+    /// instance already acked it.
+    async fn command_delivered(
+        &self,
+        command: &str,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// Records `instance`'s verdict on `command`, if it was delivered to it and not acked yet.
+    async fn record_command_ack(
+        &self,
+        command: &str,
+        instance: &str,
+        status: crate::protocol::CommandStatus,
+        message: Option<&str>,
+        now_ms: i64,
+    ) -> Result<CommandAckOutcome, StoreError>;
+    /// The newest `limit` commands with their counts.
+    async fn commands(&self, limit: u32, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError>;
+    /// One command with each targeted instance.
+    async fn command(
+        &self,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Option<(CommandRecord, Vec<CommandInstance>)>, StoreError>;
+    /// Marks the commands whose deadline passed by `now_ms` as expired, once (whichever replica
+    /// gets there first); returns each with how many targeted instances never acked it.
+    async fn expire_commands(&self, now_ms: i64) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Waits until this replica may sync `repo`: at most one replica (and one task) syncs a repo
     /// at a time. The returned guard holds the right until dropped; a replica that dies loses it.

@@ -26,12 +26,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    log_entry, now_ms, AckGroup, AckRecord, AckRejection, AuditEntry, AuditQuery, AuditRecord,
+    log_entry, now_ms, AckGroup, AckRecord, AckRejection, ActiveCommand, AuditEntry, AuditQuery,
+    AuditRecord, CommandAckOutcome, CommandCounts, CommandInstance, CommandRecord, CommandRefusal,
     FileBefore, HistoryEntry, HistoryFile, InstanceFilter, InstanceRecord, LogEntry, LoggedChange,
-    LoggedEvent, Rejection, RepoLock, RepoRecord, Store, StoreError, SubscriberGroup, SyncOutcome,
-    TopicSummary,
+    LoggedEvent, NewCommand, Rejection, RepoLock, RepoRecord, Store, StoreError, SubscriberGroup,
+    SyncOutcome, TopicSummary,
 };
-use crate::protocol::{AckStatus, Change, FileStatus, ServerMessage, Snapshot, SnapshotFile};
+use crate::protocol::{
+    AckStatus, Change, CommandStatus, FileStatus, ServerMessage, Snapshot, SnapshotFile,
+};
 
 /// How many webhook delivery ids are remembered for redelivery detection.
 const DELIVERIES_KEPT: i64 = 10_000;
@@ -100,6 +103,31 @@ CREATE TABLE audit (
     detail TEXT NOT NULL
 );
 CREATE INDEX audit_by_action ON audit (action, id);
+"#,
+    // Commands (see `Store::create_command`) and what became of them per targeted instance.
+    r#"
+CREATE TABLE commands (
+    n {serial},
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    args TEXT NOT NULL,
+    target TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at {int} NOT NULL,
+    deadline_ms {int} NOT NULL,
+    expired {bool} NOT NULL
+);
+CREATE INDEX commands_by_deadline ON commands (deadline_ms);
+CREATE TABLE command_instances (
+    command TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    status TEXT NOT NULL,
+    message TEXT,
+    delivered_at {int},
+    finished_at {int},
+    deliveries {int} NOT NULL,
+    PRIMARY KEY (command, instance)
+);
 "#,
 ];
 
@@ -307,6 +335,57 @@ where
             .ok_or_else(|| StoreError::Corrupt(format!("ack status {status}")))?,
         error: r.try_get("error")?,
         acked_at_ms: r.try_get("acked_at")?,
+    })
+}
+
+/// A command with its counts, as [`COMMANDS`] selects it.
+const COMMANDS: &str =
+    "SELECT c.id, c.name, c.args, c.target, c.created_by, c.created_at, c.deadline_ms,
+       COALESCE(SUM(CASE WHEN ci.status = 'pending' THEN 1 ELSE 0 END), 0) AS pending,
+       COALESCE(SUM(CASE WHEN ci.status = 'delivered' THEN 1 ELSE 0 END), 0) AS delivered,
+       COALESCE(SUM(CASE WHEN ci.status = 'done' THEN 1 ELSE 0 END), 0) AS done,
+       COALESCE(SUM(CASE WHEN ci.status = 'failed' THEN 1 ELSE 0 END), 0) AS failed
+     FROM commands c LEFT JOIN command_instances ci ON ci.command = c.id";
+
+fn json_column<R: Row>(r: &R, column: &str) -> Result<serde_json::Value, StoreError>
+where
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    let text: &str = r.try_get(column)?;
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("command {column}: {e}")))
+}
+
+fn command_record<R: Row>(r: &R, now: i64) -> Result<CommandRecord, StoreError>
+where
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    let deadline_ms: i64 = r.try_get("deadline_ms")?;
+    let expired = deadline_ms <= now;
+    let mut counts = CommandCounts {
+        pending: u64_at(r, "pending")?,
+        delivered: u64_at(r, "delivered")?,
+        done: u64_at(r, "done")?,
+        failed: u64_at(r, "failed")?,
+        ..CommandCounts::default()
+    };
+    counts.targeted = counts.pending + counts.delivered + counts.done + counts.failed;
+    if expired {
+        counts.expired = counts.pending + counts.delivered;
+    }
+    Ok(CommandRecord {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        args: json_column(r, "args")?,
+        target: json_column(r, "target")?,
+        created_by: r.try_get("created_by")?,
+        created_at_ms: r.try_get("created_at")?,
+        deadline_ms,
+        expired,
+        counts,
     })
 }
 
@@ -1142,6 +1221,247 @@ where
                 })
             })
             .collect()
+    }
+
+    async fn create_command(
+        &self,
+        command: &NewCommand,
+        targeted: &[String],
+        max_active: u64,
+        keep: u64,
+    ) -> Result<Result<(), CommandRefusal>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Creations queue on this row (SQLite's write lock, PostgreSQL's row lock), so the cap
+        // on active commands holds across replicas creating at the same moment.
+        sqlx::query("UPDATE log_meta SET epoch = epoch WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM commands WHERE deadline_ms > $1")
+            .bind(command.created_at_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+        let active = u64_at(&row, "n")?;
+        if active >= max_active {
+            return Ok(Err(CommandRefusal::TooManyActive { active }));
+        }
+        sqlx::query(
+            "INSERT INTO commands (id, name, args, target, created_by, created_at, deadline_ms, expired)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, false)",
+        )
+        .bind(command.id.as_str())
+        .bind(command.name.as_str())
+        .bind(command.args.to_string())
+        .bind(command.target.to_string())
+        .bind(command.created_by.as_str())
+        .bind(command.created_at_ms)
+        .bind(command.deadline_ms)
+        .execute(&mut *tx)
+        .await?;
+        // Three values per row: well under both databases' parameter limits.
+        for chunk in targeted.chunks(NAMES_PER_QUERY) {
+            let rows = (0..chunk.len())
+                .map(|i| format!("($1, ${}, 'pending', 0)", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO command_instances (command, instance, status, deliveries) VALUES {rows}
+                 ON CONFLICT (command, instance) DO NOTHING"
+            );
+            let mut query = sqlx::query(&sql).bind(command.id.as_str());
+            for instance in chunk {
+                query = query.bind(instance.as_str());
+            }
+            query.execute(&mut *tx).await?;
+        }
+        if keep > 0 {
+            let old = sqlx::query(
+                "SELECT id FROM commands WHERE n <= (SELECT MAX(n) FROM commands) - $1",
+            )
+            .bind(to_i64(keep))
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in old {
+                let id: String = row.try_get("id")?;
+                sqlx::query("DELETE FROM command_instances WHERE command = $1")
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM commands WHERE id = $1")
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let head = sqlx::query("SELECT seq FROM log_head WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        let head = u64_at(&head, "seq")?;
+        // Wakes the other replicas' hubs, which look for new commands when woken.
+        self.backend.published(&mut tx, head).await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    async fn active_command_count(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM commands WHERE deadline_ms > $1")
+            .bind(now_ms)
+            .fetch_one(&self.pool)
+            .await?;
+        u64_at(&row, "n")
+    }
+
+    async fn active_commands(&self, now_ms: i64) -> Result<Vec<ActiveCommand>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, args, target, deadline_ms FROM commands WHERE deadline_ms > $1 ORDER BY n",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ActiveCommand {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    args: json_column(r, "args")?,
+                    target: json_column(r, "target")?,
+                    deadline_ms: r.try_get("deadline_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn command_delivered(
+        &self,
+        command: &str,
+        instance: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let changed = sqlx::query(
+            "INSERT INTO command_instances (command, instance, status, delivered_at, deliveries)
+             VALUES ($1, $2, 'delivered', $3, 1)
+             ON CONFLICT (command, instance) DO UPDATE SET status = 'delivered',
+               delivered_at = COALESCE(command_instances.delivered_at, excluded.delivered_at),
+               deliveries = command_instances.deliveries + 1
+             WHERE command_instances.status IN ('pending', 'delivered')",
+        )
+        .bind(command)
+        .bind(instance)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?
+        .rows();
+        Ok(changed == 1)
+    }
+
+    async fn record_command_ack(
+        &self,
+        command: &str,
+        instance: &str,
+        status: CommandStatus,
+        message: Option<&str>,
+        now_ms: i64,
+    ) -> Result<CommandAckOutcome, StoreError> {
+        let changed = sqlx::query(
+            "UPDATE command_instances SET status = $3, message = $4, finished_at = $5
+             WHERE command = $1 AND instance = $2 AND status = 'delivered'",
+        )
+        .bind(command)
+        .bind(instance)
+        .bind(status.as_str())
+        .bind(message)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?
+        .rows();
+        if changed == 1 {
+            return Ok(CommandAckOutcome::Recorded);
+        }
+        let row = sqlx::query(
+            "SELECT status FROM command_instances WHERE command = $1 AND instance = $2",
+        )
+        .bind(command)
+        .bind(instance)
+        .fetch_optional(&self.pool)
+        .await?;
+        let stored = row.map(|r| r.try_get::<String, _>("status")).transpose()?;
+        Ok(match stored.as_deref().and_then(CommandStatus::parse) {
+            Some(first) => CommandAckOutcome::AlreadyFinished(first),
+            None => CommandAckOutcome::NotDelivered,
+        })
+    }
+
+    async fn commands(&self, limit: u32, now_ms: i64) -> Result<Vec<CommandRecord>, StoreError> {
+        let sql = format!(
+            "{COMMANDS} GROUP BY c.n, c.id, c.name, c.args, c.target, c.created_by, c.created_at, c.deadline_ms
+             ORDER BY c.n DESC LIMIT $1"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| command_record(r, now_ms)).collect()
+    }
+
+    async fn command(
+        &self,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<Option<(CommandRecord, Vec<CommandInstance>)>, StoreError> {
+        let sql = format!(
+            "{COMMANDS} WHERE c.id = $1
+             GROUP BY c.n, c.id, c.name, c.args, c.target, c.created_by, c.created_at, c.deadline_ms"
+        );
+        let Some(row) = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let record = command_record(&row, now_ms)?;
+        let rows = sqlx::query(
+            "SELECT instance, status, message, delivered_at, finished_at, deliveries
+             FROM command_instances WHERE command = $1 ORDER BY instance",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let instances = rows
+            .iter()
+            .map(|r| {
+                Ok(CommandInstance {
+                    instance: r.try_get("instance")?,
+                    status: r.try_get("status")?,
+                    message: r.try_get("message")?,
+                    delivered_at_ms: r.try_get("delivered_at")?,
+                    finished_at_ms: r.try_get("finished_at")?,
+                    deliveries: u64_at(r, "deliveries")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some((record, instances)))
+    }
+
+    async fn expire_commands(&self, now_ms: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE commands SET expired = true WHERE expired = false AND deadline_ms <= $1 RETURNING id",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut expired = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let left = sqlx::query(
+                "SELECT COUNT(*) AS n FROM command_instances
+                 WHERE command = $1 AND status IN ('pending', 'delivered')",
+            )
+            .bind(id.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+            expired.push((id, u64_at(&left, "n")?));
+        }
+        Ok(expired)
     }
 
     async fn lock_repo(&self, repo: &str) -> Result<RepoLock, StoreError> {
