@@ -208,6 +208,10 @@ pub struct LimitsConfig {
     /// Refused credentials recorded one by one per minute, per replica; beyond it they are
     /// counted and recorded as one summary entry, so a flood cannot grow the database.
     pub audit_refusals_per_minute: u32,
+    /// Longest `reason` a rollback or pin may carry (it is stored and shown).
+    pub max_reason_bytes: usize,
+    /// Held-back changes a pinned topic lists, newest kept; older ones are only counted.
+    pub max_held_changes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -234,6 +238,8 @@ impl Default for LimitsConfig {
             instance_expiry_secs: 7 * 24 * 3600,
             max_audit_entries: 100_000,
             audit_refusals_per_minute: 60,
+            max_reason_bytes: 1024,
+            max_held_changes: 100,
         }
     }
 }
@@ -583,6 +589,12 @@ impl Config {
             return Err(ConfigError::key(
                 "server.connection_queue",
                 "must be greater than 0",
+            ));
+        }
+        if self.limits.max_reason_bytes == 0 {
+            return Err(ConfigError::key(
+                "limits.max_reason_bytes",
+                "must be greater than 0 (a rollback or pin must say why)",
             ));
         }
         if self.server.keepalive_timeout_secs <= self.server.heartbeat_secs {
