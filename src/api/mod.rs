@@ -2,6 +2,8 @@
 //! the health probes, plus the query API's handlers. It sits on top: it imports the webhook and
 //! WebSocket handlers, and nothing below imports it (they share [`crate::app`]).
 
+mod topics;
+
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, Request, State};
@@ -33,6 +35,14 @@ pub fn router(app: AppState) -> Router {
     let admin = Router::new()
         .route("/api/v1/repos/{name}/sync", post(force_sync))
         .route("/api/v1/audit", get(audit))
+        // `{topic}/rollback` (POST) and `{topic}/pin` (PUT, DELETE): topics may contain `/`.
+        .route(
+            "/api/v1/topics/{*topic}",
+            post(topics::rollback)
+                .put(topics::pin)
+                .delete(topics::unpin)
+                .layer(axum::extract::DefaultBodyLimit::max(topics::MAX_BODY_BYTES)),
+        )
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
     Router::new()
         .route("/webhooks/{repo}", post(crate::webhook::handle))
@@ -126,7 +136,19 @@ async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, 
 }
 
 async fn topics(State(app): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
-    Ok(Json(json!({ "topics": app.store.topics().await? })))
+    let mut pins = topics::pin_views(&app).await?;
+    let list: Vec<serde_json::Value> = app
+        .store
+        .topics()
+        .await?
+        .into_iter()
+        .map(|t| {
+            let mut v = serde_json::to_value(&t).unwrap_or_default();
+            v["pinned"] = pins.remove(&t.topic).unwrap_or_default();
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "topics": list })))
 }
 
 #[derive(Deserialize)]
@@ -176,6 +198,10 @@ async fn topic(
         .await?
         .into_iter()
         .find(|r| r.topic == summary.topic);
+    let pinned = topics::pin_views(&app)
+        .await?
+        .remove(&summary.topic)
+        .unwrap_or_default();
     Ok(Json(json!({
         "topic": summary.topic,
         "repo": summary.repo,
@@ -186,6 +212,7 @@ async fn topic(
         "files": files,
         "rollout": rollout,
         "rejected": rejected,
+        "pinned": pinned,
     })))
 }
 
