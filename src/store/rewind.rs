@@ -275,13 +275,13 @@ mod tests {
             entry(3, &[("c", Some("b"))]),
             entry(4, &[("a", None)]),
         ];
-        let plan = plan(&log, 4, 2).expect("plannable");
-        assert_eq!(plan.commit, "c2");
-        let touched: Vec<&str> = plan.touched.iter().map(String::as_str).collect();
+        let two = plan(&log, 4, 2).expect("plannable");
+        assert_eq!(two.commit, "c2");
+        let touched: Vec<&str> = two.touched.iter().map(String::as_str).collect();
         assert_eq!(touched, ["a", "b", "c"]);
         // `a` from v2, `b` from v1; `c` never existed by v2.
         assert_eq!(
-            plan.from,
+            two.from,
             BTreeMap::from([(1, vec!["b".to_string()]), (2, vec!["a".to_string()])])
         );
         // The current version needs nothing from the log.
