@@ -591,10 +591,12 @@ impl Config {
                 "must be greater than 0",
             ));
         }
-        if self.limits.max_reason_bytes == 0 {
+        // A rollback's reason goes into its change's message, which must stay within the
+        // fixed part of `max_frame_bytes` (sync::git::MAX_MESSAGE_BYTES).
+        if !(1..=4096).contains(&self.limits.max_reason_bytes) {
             return Err(ConfigError::key(
                 "limits.max_reason_bytes",
-                "must be greater than 0 (a rollback or pin must say why)",
+                "must be 1 to 4096 (a rollback or pin must say why, and its change message is capped)",
             ));
         }
         if self.server.keepalive_timeout_secs <= self.server.heartbeat_secs {
