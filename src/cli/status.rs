@@ -122,8 +122,8 @@ pub async fn run(args: StatusArgs) -> ExitCode {
                 );
             }
             let _ = std::io::stdout().flush();
-        } else if !args.watch || shown != last_shown {
-            // Not on a terminal: a new block only when something changed.
+        } else if shown != last_shown {
+            // Not redrawing: a new block only when something changed.
             println!("{shown}");
             last_shown = shown;
         }

@@ -59,12 +59,12 @@ pub async fn rollback(args: RollbackArgs) -> Result<(), CliError> {
             args.to
         ),
         _ => println!(
-            "{}: v{} published with the files of v{} (seq {}, {} files changed)",
+            "{}: v{} published with the files of v{} (seq {}, {})",
             args.topic,
             num(&reply["version"]),
             args.to,
             num(&reply["seq"]),
-            num(&reply["files"])
+            count(&reply["files"], "file changed", "files changed")
         ),
     }
     Ok(())
@@ -110,12 +110,21 @@ pub async fn unpin(args: UnpinArgs) -> Result<(), CliError> {
         )
         .await?;
     println!(
-        "{}: unpinned ({} changes were held); the next sync publishes its git state if it differs from v{}",
+        "{}: unpinned ({} held); the next sync publishes its git state if it differs from v{}",
         args.topic,
-        num(&reply["held_total"]),
+        count(&reply["held_total"], "change was", "changes were"),
         num(&reply["version"])
     );
     Ok(())
+}
+
+/// `1 file changed`, `2 files changed`.
+fn count(v: &Value, one: &str, many: &str) -> String {
+    match v.as_u64() {
+        Some(1) => format!("1 {one}"),
+        Some(n) => format!("{n} {many}"),
+        None => format!("? {many}"),
+    }
 }
 
 fn num(v: &Value) -> String {
