@@ -594,3 +594,122 @@ async fn a_version_retention_removed_is_refused_with_the_reason() {
         .expect("blob id");
     assert_eq!(app["sha"], blob.to_string());
 }
+
+/// Two replicas on one PostgreSQL database: a pin made on one holds the syncs of the other, which
+/// lists what it held; the unpin on the other publishes; a rollback on the first reaches an
+/// instance connected to the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_and_rollbacks_hold_across_replicas() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let store = format!("[store]\nurl = \"{}\"\n", db.url);
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).expect("replica dir");
+        replicas.push(ServerProcess::start(&sub, &repo, "", &store).await);
+    }
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let identity = Identity {
+        instance: "web-b".into(),
+        ..Default::default()
+    };
+    let session = Session::connect(&b.ws_url(), &identity)
+        .await
+        .expect("connects to b");
+    let mut web = Instance {
+        name: "web-b".into(),
+        session,
+    };
+    web.session
+        .subscribe(&["payments".to_string()], None)
+        .await
+        .expect("subscribe");
+    loop {
+        if let ServerMessage::Subscribed { .. } = web.next().await {
+            break;
+        }
+    }
+    let send = |p: &ServerProcess, method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut request = p.http.request(method, p.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let reply = request.send().await.expect("request");
+            let status = reply.status().as_u16();
+            (status, reply.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    let (status, body) = send(
+        a,
+        reqwest::Method::PUT,
+        "/api/v1/topics/payments/pin",
+        Some(json!({"reason": "freeze"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 9100\n"))],
+            "held on b",
+        )
+        .expect("commit")
+        .to_string();
+    assert_eq!(b.github_push(&commit).await, 202);
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let topic = a.get("/api/v1/topics/payments").await;
+            if topic["pinned"]["held"][0]["commit"] == commit.as_str() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("replica b's sync held the change, seen from a");
+    assert!(web.maybe_next(Duration::from_millis(500)).await.is_none());
+    let (status, _) = send(
+        b,
+        reqwest::Method::POST,
+        "/api/v1/topics/payments/rollback",
+        Some(json!({"version": 1, "reason": "x"})),
+    )
+    .await;
+    assert_eq!(status, 409, "replica b sees the pin made on a");
+
+    let (status, body) = send(
+        b,
+        reqwest::Method::DELETE,
+        "/api/v1/topics/payments/pin",
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let v2 = web.next_change().await;
+    assert_eq!(v2.version, 2);
+    assert_eq!(
+        files_of(&v2)["payments/app.toml"].1.as_deref(),
+        Some("port = 9100\n")
+    );
+    assert!(a.get("/api/v1/topics/payments").await["pinned"].is_null());
+
+    let (status, body) = send(
+        a,
+        reqwest::Method::POST,
+        "/api/v1/topics/payments/rollback",
+        Some(json!({"version": 1, "reason": "from a"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v3 = web.next_change().await;
+    assert_eq!(
+        (v3.version, v3.message.as_str()),
+        (3, "rollback to v1: from a")
+    );
+}
