@@ -279,3 +279,60 @@ async fn rollback_pin_and_unpin_from_the_command_line() {
         text(&out.stderr)
     );
 }
+
+/// `https://` to a server with `[server.tls]`, its certificate checked against a private CA
+/// given as `SSL_CERT_FILE`; without it the certificate is refused (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_speaks_https_with_a_private_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).expect("write key");
+    let data_dir = dir.path().join("data");
+    let toml = format!(
+        "{}\n[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
+        auth_toml(),
+        data_dir.display(),
+        cert_file.display(),
+        key_file.display(),
+        repo.url()
+    );
+    let server = TestServer::start_toml(data_dir, toml).await;
+    let base = format!("https://localhost:{}", server.addr.port());
+    let status = |ca: Option<&std::path::Path>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_confcast"));
+        cmd.args(["status", "--json", "--server", &base])
+            .env("CONFCAST_API_TOKEN", READ_TOKEN)
+            .env_remove("SSL_CERT_DIR")
+            .kill_on_drop(true);
+        match ca {
+            Some(ca) => cmd.env("SSL_CERT_FILE", ca),
+            None => cmd.env_remove("SSL_CERT_FILE"),
+        };
+        async move {
+            tokio::time::timeout(WAIT * 2, cmd.output())
+                .await
+                .expect("in time")
+                .expect("runs")
+        }
+    };
+    // The system's trust store does not know the test's certificate.
+    let out = status(None).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot reach"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = status(Some(&cert_file)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(
+        v["topics"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["topic"] == "payments")),
+        "{v}"
+    );
+}

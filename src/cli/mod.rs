@@ -14,7 +14,8 @@ use serde_json::Value;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
     /// The server's base URL (`server.listen` of its config; `config/confcast.toml` listens on
-    /// 127.0.0.1:8080).
+    /// 127.0.0.1:8080). `https://` is checked against the system's trust store
+    /// (`SSL_CERT_FILE` names a private CA).
     #[arg(long, env = "CONFCAST_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
     /// The environment variable that holds the API token (sent as `Authorization: Bearer`).
@@ -64,13 +65,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 impl Api {
     pub fn new(args: &ApiArgs) -> Result<Api, CliError> {
         let base = args.server.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            let hint = if base.starts_with("https://") {
-                "https:// is not supported by the CLI yet: reach the server over http:// (for example through `kubectl port-forward` or on its host)"
-            } else {
-                "the server URL must start with http://"
-            };
-            return Err(CliError::Usage(format!("--server {base}: {hint}")));
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(CliError::Usage(format!(
+                "--server {base}: the server URL must start with http:// or https://"
+            )));
         }
         let token = std::env::var(&args.token_env)
             .ok()
