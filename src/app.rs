@@ -200,6 +200,8 @@ pub enum AppError {
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
     Busy(String),
     #[error("{0}")]
     Timeout(String),
@@ -224,6 +226,7 @@ impl IntoResponse for AppError {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::Busy(_) => {
                 let body = Json(json!({ "error": self.to_string() }));

@@ -225,6 +225,10 @@ pub struct LimitsConfig {
     pub max_active_commands: u64,
     /// Commands kept with their per-instance outcomes, newest first; older ones are forgotten.
     pub max_commands_kept: u64,
+    /// Longest `reason` a rollback or pin may carry (it is stored and shown).
+    pub max_reason_bytes: usize,
+    /// Held-back changes a pinned topic lists, newest kept; older ones are only counted.
+    pub max_held_changes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -259,6 +263,8 @@ impl Default for LimitsConfig {
             max_command_deadline_secs: 24 * 3600,
             max_active_commands: 100,
             max_commands_kept: 1000,
+            max_reason_bytes: 1024,
+            max_held_changes: 100,
         }
     }
 }
@@ -626,6 +632,14 @@ impl Config {
             return Err(ConfigError::key(
                 "limits.default_command_deadline_secs",
                 "must be at least 1 and at most limits.max_command_deadline_secs",
+            ));
+        }
+        // A rollback's reason goes into its change's message, which must stay within the
+        // fixed part of `max_frame_bytes` (sync::git::MAX_MESSAGE_BYTES).
+        if !(1..=4096).contains(&self.limits.max_reason_bytes) {
+            return Err(ConfigError::key(
+                "limits.max_reason_bytes",
+                "must be 1 to 4096 (a rollback or pin must say why, and its change message is capped)",
             ));
         }
         if self.server.keepalive_timeout_secs <= self.server.heartbeat_secs {

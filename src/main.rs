@@ -60,6 +60,15 @@ enum Command {
         #[arg(long)]
         exit_when_converged: bool,
     },
+    /// Publish a topic's files of an earlier version as its next version (API, admin token).
+    Rollback(confcast::cli::topics::RollbackArgs),
+    /// Hold a topic at its version: pushes are synced and listed, not published (API, admin).
+    Pin(confcast::cli::topics::PinArgs),
+    /// Release a pinned topic: its git state is published if it differs (API, admin token).
+    Unpin(confcast::cli::topics::UnpinArgs),
+    /// Topics and rollouts as a table; --watch, --json, --wait TOPIC@VERSION (API, read token).
+    /// Exit status with --wait: 0 converged, 1 timed out, 2 error.
+    Status(confcast::cli::status::StatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -224,7 +233,12 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        Command::Demo { .. } | Command::Bench(_) => "warn",
+        Command::Demo { .. }
+        | Command::Bench(_)
+        | Command::Rollback(_)
+        | Command::Pin(_)
+        | Command::Unpin(_)
+        | Command::Status(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -242,6 +256,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Status(args) = cli.command {
+        return runtime.block_on(confcast::cli::status::run(args));
+    }
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -344,6 +361,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             confcast::demo::run(opts, shutdown_signal()).await?;
             Ok(())
         }
+        Command::Rollback(args) => Ok(confcast::cli::topics::rollback(args).await?),
+        Command::Pin(args) => Ok(confcast::cli::topics::pin(args).await?),
+        Command::Unpin(args) => Ok(confcast::cli::topics::unpin(args).await?),
+        // Run before the others, for its own exit statuses.
+        Command::Status(_) => Ok(()),
     }
 }
 

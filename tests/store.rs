@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use confcast::protocol::{decode_content, AckStatus, Change, FileStatus, ServerMessage};
 use confcast::store::{
-    self, AckRejection, AuditEntry, AuditQuery, ChangedFile, CommandAckOutcome, CommandRefusal,
-    NewCommand, Rejection, Store, SyncOutcome, TopicChange,
+    self, rewind, AckRejection, AuditEntry, AuditQuery, ChangedFile, CommandAckOutcome,
+    CommandRefusal, HeldChange, NewCommand, Pin, Rejection, Rollback, Store, SyncOutcome,
+    TopicChange,
 };
 use sqlx::{Connection, PgConnection};
 use tokio::sync::{oneshot, Notify};
@@ -822,6 +823,157 @@ mod contract {
         assert_eq!(older[0].entry.target, "t3");
     }
 
+    pub async fn pins_list_their_newest_held_changes_and_unpin_marks_a_resync(
+        store: Arc<dyn Store>,
+    ) {
+        store
+            .publish(&outcome("cfg", "c1", vec![("a", vec![added("a/x", b"1")])]))
+            .await
+            .expect("publish");
+        let pin = Pin {
+            topic: "a".into(),
+            repo: "cfg".into(),
+            version: 1,
+            by: "operator".into(),
+            reason: "freeze".into(),
+            at_ms: 1_700_000_000_000,
+            held: Vec::new(),
+            held_total: 0,
+        };
+        assert!(store.pin(&pin).await.expect("pin"));
+        let other = Pin {
+            by: "someone else".into(),
+            ..pin.clone()
+        };
+        assert!(
+            !store.pin(&other).await.expect("pin again"),
+            "the first pin stays"
+        );
+        assert_eq!(store.pins().await.expect("pins"), vec![pin.clone()]);
+
+        let held = |n: u32| HeldChange {
+            commit: format!("c{n}"),
+            author: "Ada <ada@example.com>".into(),
+            message: format!("commit c{n}"),
+            at_ms: i64::from(n),
+            files: 1,
+        };
+        for n in 2..=4 {
+            let mut sync = outcome("cfg", &format!("c{n}"), vec![]);
+            // A held change of a topic without a pin is dropped, never makes a pin.
+            sync.held = vec![("a".into(), held(n)), ("b".into(), held(n))];
+            sync.max_held = 2;
+            store.publish(&sync).await.expect("publish");
+        }
+        let pins = store.pins().await.expect("pins");
+        assert_eq!(pins.len(), 1, "{pins:?}");
+        assert_eq!(
+            pins[0].held,
+            vec![held(3), held(4)],
+            "the newest two, oldest first"
+        );
+        assert_eq!(pins[0].held_total, 3);
+        assert!(store.resyncs("cfg").await.expect("resyncs").is_empty());
+
+        let removed = store.unpin("a").await.expect("unpin");
+        assert_eq!(removed.map(|p| p.held_total), Some(3));
+        assert!(store.pins().await.expect("pins").is_empty());
+        assert_eq!(store.unpin("a").await.expect("unpin again"), None);
+        let resyncs = store.resyncs("cfg").await.expect("resyncs");
+        assert_eq!(resyncs.len(), 1);
+        assert_eq!((resyncs[0].topic.as_str(), resyncs[0].due), ("a", true));
+        assert!(store.resyncs("other").await.expect("resyncs").is_empty());
+
+        // A sync that compared the topic with git clears the mark, with or without a change.
+        let mut sync = outcome("cfg", "c5", vec![]);
+        sync.resynced = vec!["a".into()];
+        store.publish(&sync).await.expect("publish");
+        assert!(store.resyncs("cfg").await.expect("resyncs").is_empty());
+    }
+
+    pub async fn a_rollback_keeps_the_repo_head_and_records_what_it_restored(
+        store: Arc<dyn Store>,
+    ) {
+        store
+            .publish(&outcome(
+                "cfg",
+                "c1",
+                vec![("a", vec![added("a/x", b"one"), added("a/y", b"y")])],
+            ))
+            .await
+            .expect("publish");
+        store
+            .publish(&outcome(
+                "cfg",
+                "c2",
+                vec![(
+                    "a",
+                    vec![modified("a/x", b"two!"), deleted("a/y"), added("a/z", b"z")],
+                )],
+            ))
+            .await
+            .expect("publish");
+        let logged = store
+            .change_at("a", 1)
+            .await
+            .expect("change_at")
+            .expect("v1 logged");
+        assert_eq!((logged.version, logged.files.len()), (1, 2));
+        assert_eq!(store.change_at("a", 3).await.expect("change_at"), None);
+
+        let rewound = rewind::files_at(store.as_ref(), "a", 1)
+            .await
+            .expect("rewind");
+        assert_eq!(
+            (rewound.current_version, rewound.commit.as_str()),
+            (2, "c1")
+        );
+        let target: Vec<(&str, &[u8])> = rewound
+            .target
+            .iter()
+            .map(|(p, f)| (p.as_str(), f.content.as_slice()))
+            .collect();
+        assert_eq!(
+            target,
+            [("a/x", b"one".as_slice()), ("a/y", b"y".as_slice())]
+        );
+        let files = rewind::change_to(&rewound.current, &rewound.target);
+        let statuses: Vec<(&str, FileStatus)> =
+            files.iter().map(|f| (f.path.as_str(), f.status)).collect();
+        assert_eq!(
+            statuses,
+            [
+                ("a/x", FileStatus::Modified),
+                ("a/y", FileStatus::Added),
+                ("a/z", FileStatus::Deleted)
+            ]
+        );
+        let why = Rollback {
+            rollback_of: 1,
+            requested_by: "operator".into(),
+            reason: "two broke it".into(),
+        };
+        let mut back = outcome("cfg", &rewound.commit, vec![("a", files)]);
+        back.rollback = Some(why.clone());
+        let changes = store.publish(&back).await.expect("publish rollback");
+        assert_eq!(seqs(&changes), [(3, "a", 3, 2)]);
+        // git's head stays where the next diff starts; the topic differs from it until then.
+        assert_eq!(
+            store.repo_head("cfg").await.expect("head").as_deref(),
+            Some("c2")
+        );
+        let resyncs = store.resyncs("cfg").await.expect("resyncs");
+        assert_eq!((resyncs.len(), resyncs[0].due), (1, false));
+        let history = store.topic_history("a", 10).await.expect("history");
+        assert_eq!(history[0].rollback, Some(why));
+        assert_eq!(history[1].rollback, None);
+        let (_, snapshots) = store.snapshots(&|t| t == "a").await.expect("snapshots");
+        assert_eq!(
+            snapshot_files(&snapshots[0]),
+            owned(&[("a/x", b"one"), ("a/y", b"y")])
+        );
+    }
+
     pub async fn lock_repo_lets_one_holder_at_a_time(store: Arc<dyn Store>) {
         let held = store.lock_repo("cfg").await.expect("lock_repo");
         let mut waiting = lock_in_background(&store, "cfg");
@@ -1440,6 +1592,8 @@ on_every_store!(
     topic_change_and_file_before_read_the_log,
     commands_track_each_instance_and_keep_the_first_verdict,
     commands_are_capped_listed_newest_first_and_kept_bounded,
+    pins_list_their_newest_held_changes_and_unpin_marks_a_resync,
+    a_rollback_keeps_the_repo_head_and_records_what_it_restored,
 );
 
 fn now_ms() -> i64 {

@@ -3,6 +3,7 @@
 //! WebSocket handlers, and nothing below imports it (they share [`crate::app`]).
 
 mod commands;
+mod topics;
 
 use std::collections::BTreeMap;
 
@@ -61,6 +62,27 @@ fn routes(app: Option<AppState>) -> Routes {
         .add(Method::GET, "/api/v1/repos", Read, repos)
         .add(Method::GET, "/api/v1/events", Read, events::events)
         .add(Method::GET, "/metrics", Read, metrics::scrape)
+        // `{topic}/rollback` (POST) and `{topic}/pin` (PUT, DELETE): topics may contain `/`.
+        .add_layered(
+            Method::POST,
+            "/api/v1/topics/{*topic}",
+            Admin,
+            topics::rollback,
+            topic_body_limit,
+        )
+        .add_layered(
+            Method::PUT,
+            "/api/v1/topics/{*topic}",
+            Admin,
+            topics::pin,
+            topic_body_limit,
+        )
+        .add(
+            Method::DELETE,
+            "/api/v1/topics/{*topic}",
+            Admin,
+            topics::unpin,
+        )
         .add(Method::GET, "/api/v1/commands", Read, commands::list)
         .add(Method::POST, "/api/v1/commands", Admin, commands::create)
         .add(Method::GET, "/api/v1/commands/{id}", Read, commands::show)
@@ -71,6 +93,14 @@ fn routes(app: Option<AppState>) -> Routes {
         .add(Method::GET, "/assets/{file}", Open, dashboard::asset)
         .add(Method::GET, "/healthz", Open, healthz)
         .add(Method::GET, "/readyz", Open, readyz)
+}
+
+/// Rollback and pin bodies are small: refused beyond [`topics::MAX_BODY_BYTES`].
+fn topic_body_limit(
+    endpoint: axum::routing::MethodRouter<AppState>,
+    _app: AppState,
+) -> axum::routing::MethodRouter<AppState> {
+    endpoint.layer(axum::extract::DefaultBodyLimit::max(topics::MAX_BODY_BYTES))
 }
 
 pub fn router(app: AppState) -> Router {
@@ -180,7 +210,19 @@ async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, 
 }
 
 async fn topics(State(app): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
-    Ok(Json(json!({ "topics": app.store.topics().await? })))
+    let mut pins = topics::pin_views(&app).await?;
+    let list: Vec<serde_json::Value> = app
+        .store
+        .topics()
+        .await?
+        .into_iter()
+        .map(|t| {
+            let mut v = serde_json::to_value(&t).unwrap_or_default();
+            v["pinned"] = pins.remove(&t.topic).unwrap_or_default();
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "topics": list })))
 }
 
 #[derive(Deserialize)]
@@ -237,6 +279,10 @@ async fn topic(
         .await?
         .into_iter()
         .find(|r| r.topic == summary.topic);
+    let pinned = topics::pin_views(&app)
+        .await?
+        .remove(&summary.topic)
+        .unwrap_or_default();
     Ok(Json(json!({
         "topic": summary.topic,
         "repo": summary.repo,
@@ -247,6 +293,7 @@ async fn topic(
         "files": files,
         "rollout": rollout,
         "rejected": rejected,
+        "pinned": pinned,
     })))
 }
 

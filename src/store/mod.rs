@@ -6,6 +6,7 @@
 //! with no gap, so a reader that has seen `n` knows exactly what it has not seen.
 
 pub mod postgres;
+pub mod rewind;
 pub mod sql;
 pub mod sqlite;
 pub mod upkeep;
@@ -51,6 +52,66 @@ pub struct SyncOutcome {
     pub rejected: Vec<Rejection>,
     /// Topics no longer held back.
     pub cleared: Vec<String>,
+    /// Set for a rollback, which is not a sync: the repo head stays where it is, every change
+    /// records what it restores and who asked, and its topics are marked as differing from git
+    /// (a [`Resync`]) in the same transaction.
+    pub rollback: Option<Rollback>,
+    /// Changes of pinned topics that this sync did not publish, each added to its pin's list.
+    pub held: Vec<(String, HeldChange)>,
+    /// How many held changes a pin lists (`limits.max_held_changes`); older ones are counted.
+    pub max_held: usize,
+    /// Topics whose whole git state this sync compared with their stored files: their
+    /// [`Resync`] marks are cleared with the publish.
+    pub resynced: Vec<String>,
+}
+
+/// What a rollback change restores and why, recorded with it in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Rollback {
+    /// The earlier version whose files the change restores.
+    pub rollback_of: u64,
+    /// The API token that asked.
+    pub requested_by: String,
+    pub reason: String,
+}
+
+/// A change a pin kept from being published: the commit the sync reached, and how many of the
+/// topic's files it changed.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct HeldChange {
+    pub commit: String,
+    pub author: String,
+    pub message: String,
+    pub at_ms: i64,
+    pub files: usize,
+}
+
+/// A topic held at a version: syncs go on, but its changes are recorded, not published.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pin {
+    pub topic: String,
+    pub repo: String,
+    /// The topic's version when it was pinned.
+    pub version: u64,
+    pub by: String,
+    pub reason: String,
+    pub at_ms: i64,
+    /// The newest held changes, oldest first (at most `limits.max_held_changes`).
+    pub held: Vec<HeldChange>,
+    /// Every change held since the pin, including those no longer listed.
+    pub held_total: u64,
+}
+
+/// A topic whose stored files may differ from its git state (after a rollback or an unpin):
+/// its next sync compares the whole git state with the stored files instead of diffing commits.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Resync {
+    pub topic: String,
+    pub repo: String,
+    pub since_ms: i64,
+    /// Compare at the next sync even if git did not move (after an unpin); otherwise at the
+    /// first sync whose commits touch the topic (after a rollback).
+    pub due: bool,
 }
 
 /// A topic change held back because a file did not validate.
@@ -135,6 +196,9 @@ pub struct HistoryEntry {
     pub message: String,
     pub created_at_ms: i64,
     pub files: Vec<HistoryFile>,
+    /// Set for a rollback: what it restored, who asked and why.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -461,6 +525,19 @@ pub trait Store: Send + Sync + 'static {
     /// Applies retention: keeps at most `max_events` most recent events (0 = any number) and none
     /// older than `max_age_ms` (0 = any age). Returns how many were removed. Topic state stays.
     async fn trim(&self, max_events: u64, max_age_ms: i64) -> Result<u64, StoreError>;
+
+    /// The change that made `version` of `topic`, with its files' content, if still logged.
+    async fn change_at(&self, topic: &str, version: u64) -> Result<Option<Change>, StoreError>;
+
+    /// Every pin, by topic.
+    async fn pins(&self) -> Result<Vec<Pin>, StoreError>;
+    /// Pins a topic; `false` when it is already pinned (the existing pin stays).
+    async fn pin(&self, pin: &Pin) -> Result<bool, StoreError>;
+    /// Removes a topic's pin and, in the same transaction, marks the topic for a full compare
+    /// at its repo's next sync ([`Resync`] with `due`). Returns the pin, `None` if there was none.
+    async fn unpin(&self, topic: &str) -> Result<Option<Pin>, StoreError>;
+    /// The topics of `repo` whose stored files may differ from git.
+    async fn resyncs(&self, repo: &str) -> Result<Vec<Resync>, StoreError>;
 
     /// Appends one entry to the audit log, keeping the newest `keep` (0 = all); returns its id.
     async fn record_audit(&self, entry: &AuditEntry, keep: u64) -> Result<u64, StoreError>;

@@ -28,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     log_entry, now_ms, AckGroup, AckRecord, AckRejection, ActiveCommand, AuditEntry, AuditQuery,
     AuditRecord, CommandAckOutcome, CommandCounts, CommandInstance, CommandRecord, CommandRefusal,
-    FileBefore, HistoryEntry, HistoryFile, InstanceFilter, InstanceRecord, LogEntry, LoggedChange,
-    LoggedEvent, NewCommand, Rejection, RepoLock, RepoRecord, Store, StoreError, SubscriberGroup,
-    SyncOutcome, TopicSummary,
+    FileBefore, HeldChange, HistoryEntry, HistoryFile, InstanceFilter, InstanceRecord, LogEntry,
+    LoggedChange, LoggedEvent, NewCommand, Pin, Rejection, RepoLock, RepoRecord, Resync, Store,
+    StoreError, SubscriberGroup, SyncOutcome, TopicSummary,
 };
 use crate::protocol::{
     AckStatus, Change, CommandStatus, FileStatus, ServerMessage, Snapshot, SnapshotFile,
@@ -128,6 +128,17 @@ CREATE TABLE command_instances (
     deliveries {int} NOT NULL,
     PRIMARY KEY (command, instance)
 );
+"#,
+    // Rollback and pin (see `Store::pin`, `Store::resyncs`): what a rollback change restored,
+    // the pinned topics with the changes they held back, and the topics whose stored files may
+    // differ from git until their next full compare.
+    r#"
+ALTER TABLE events ADD COLUMN rollback TEXT;
+CREATE TABLE pins (
+    topic TEXT PRIMARY KEY, repo TEXT NOT NULL, version {int} NOT NULL, pinned_by TEXT NOT NULL,
+    reason TEXT NOT NULL, pinned_at {int} NOT NULL, held TEXT NOT NULL, held_total {int} NOT NULL);
+CREATE TABLE resyncs (
+    topic TEXT PRIMARY KEY, repo TEXT NOT NULL, since {int} NOT NULL, due {bool} NOT NULL);
 "#,
 ];
 
@@ -389,6 +400,26 @@ where
     })
 }
 
+fn pin_record<R: Row>(r: &R) -> Result<Pin, StoreError>
+where
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    Ok(Pin {
+        topic: r.try_get("topic")?,
+        repo: r.try_get("repo")?,
+        version: u64_at(r, "version")?,
+        by: r.try_get("pinned_by")?,
+        reason: r.try_get("reason")?,
+        at_ms: r.try_get("pinned_at")?,
+        held: serde_json::from_str(r.try_get("held")?)
+            .map_err(|e| StoreError::Corrupt(format!("pin held list: {e}")))?,
+        held_total: u64_at(r, "held_total")?,
+    })
+}
+
 // The bounds below say "the driver can run these queries and bind and read these Rust types";
 // both drivers meet them.
 #[async_trait]
@@ -455,15 +486,19 @@ where
             let mut seq = head
                 .checked_sub(count)
                 .ok_or_else(|| StoreError::Corrupt(format!("log head {head} below {count}")))?;
-            sqlx::query(
-                "INSERT INTO repos (name, head, synced_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (name) DO UPDATE SET head = excluded.head, synced_at = excluded.synced_at",
-            )
-            .bind(outcome.repo.as_str())
-            .bind(outcome.commit.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            // A rollback restores old files; git's head is where the repo's next diff starts.
+            if outcome.rollback.is_none() {
+                sqlx::query(
+                    "INSERT INTO repos (name, head, synced_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO UPDATE SET head = excluded.head, synced_at = excluded.synced_at",
+                )
+                .bind(outcome.repo.as_str())
+                .bind(outcome.commit.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let rollback = outcome.rollback.as_ref().map(to_json).transpose()?;
             let mut changes = Vec::with_capacity(outcome.topics.len());
             for tc in &outcome.topics {
                 // Consistent without a lock of its own: only publishers write topics, and they are
@@ -483,8 +518,8 @@ where
                     files,
                 } = log_entry(outcome, tc, seq, previous_version)?;
                 sqlx::query(
-                    "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame, rollback)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .bind(to_i64(seq))
                 .bind(tc.topic.as_str())
@@ -496,8 +531,20 @@ where
                 .bind(files)
                 .bind(now)
                 .bind(frame)
+                .bind(rollback.as_deref())
                 .execute(&mut *tx)
                 .await?;
+                if outcome.rollback.is_some() {
+                    sqlx::query(
+                        "INSERT INTO resyncs (topic, repo, since, due) VALUES ($1, $2, $3, false)
+                         ON CONFLICT (topic) DO NOTHING",
+                    )
+                    .bind(tc.topic.as_str())
+                    .bind(outcome.repo.as_str())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 for file in &tc.files {
                     if let Some(old) = &file.old_path {
                         sqlx::query(DELETE_FILE)
@@ -566,6 +613,32 @@ where
                 .bind(r.line.map(i64::from))
                 .bind(r.message.as_str())
                 .bind(r.at_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for topic in &outcome.resynced {
+                sqlx::query("DELETE FROM resyncs WHERE topic = $1")
+                    .bind(topic.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (topic, change) in &outcome.held {
+                // A pin removed meanwhile has nothing to add to: the update matches no row.
+                let row = sqlx::query("SELECT held FROM pins WHERE topic = $1")
+                    .bind(topic.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else { continue };
+                let mut held: Vec<HeldChange> = serde_json::from_str(row.try_get("held")?)
+                    .map_err(|e| StoreError::Corrupt(format!("pin held list: {e}")))?;
+                held.push(change.clone());
+                let excess = held.len().saturating_sub(outcome.max_held);
+                held.drain(..excess);
+                sqlx::query(
+                    "UPDATE pins SET held = $2, held_total = held_total + 1 WHERE topic = $1",
+                )
+                .bind(topic.as_str())
+                .bind(to_json(&held)?)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -721,7 +794,7 @@ where
         limit: u32,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, version, commit_id, author, message, files, created_at FROM events
+            "SELECT seq, version, commit_id, author, message, files, created_at, rollback FROM events
              WHERE topic = $1 ORDER BY seq DESC LIMIT $2",
         )
         .bind(topic)
@@ -740,6 +813,11 @@ where
                     message: r.try_get("message")?,
                     created_at_ms: r.try_get("created_at")?,
                     files,
+                    rollback: r
+                        .try_get::<Option<&str>, _>("rollback")?
+                        .map(serde_json::from_str)
+                        .transpose()
+                        .map_err(|e| StoreError::Corrupt(format!("event rollback: {e}")))?,
                 })
             })
             .collect()
@@ -1167,6 +1245,96 @@ where
                 .rows();
         }
         Ok(removed)
+    }
+
+    async fn change_at(&self, topic: &str, version: u64) -> Result<Option<Change>, StoreError> {
+        let row = sqlx::query("SELECT frame FROM events WHERE topic = $1 AND version = $2")
+            .bind(topic)
+            .bind(to_i64(version))
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        match serde_json::from_str(row.try_get("frame")?) {
+            Ok(ServerMessage::Change(change)) => Ok(Some(change)),
+            Ok(_) => Err(StoreError::Corrupt(format!(
+                "event of {topic} v{version} is not a change frame"
+            ))),
+            Err(e) => Err(StoreError::Corrupt(format!(
+                "event of {topic} v{version}: {e}"
+            ))),
+        }
+    }
+
+    async fn pins(&self) -> Result<Vec<Pin>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT topic, repo, version, pinned_by, reason, pinned_at, held, held_total FROM pins
+             ORDER BY topic",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(pin_record).collect()
+    }
+
+    async fn pin(&self, pin: &Pin) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO pins (topic, repo, version, pinned_by, reason, pinned_at, held, held_total)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (topic) DO NOTHING",
+        )
+        .bind(pin.topic.as_str())
+        .bind(pin.repo.as_str())
+        .bind(to_i64(pin.version))
+        .bind(pin.by.as_str())
+        .bind(pin.reason.as_str())
+        .bind(pin.at_ms)
+        .bind(to_json(&pin.held)?)
+        .bind(to_i64(pin.held_total))
+        .execute(&self.pool)
+        .await?
+        .rows();
+        Ok(inserted == 1)
+    }
+
+    async fn unpin(&self, topic: &str) -> Result<Option<Pin>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "DELETE FROM pins WHERE topic = $1
+             RETURNING topic, repo, version, pinned_by, reason, pinned_at, held, held_total",
+        )
+        .bind(topic)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let pin = pin_record(&row)?;
+        sqlx::query(
+            "INSERT INTO resyncs (topic, repo, since, due) VALUES ($1, $2, $3, true)
+             ON CONFLICT (topic) DO UPDATE SET due = true",
+        )
+        .bind(topic)
+        .bind(pin.repo.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(pin))
+    }
+
+    async fn resyncs(&self, repo: &str) -> Result<Vec<Resync>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT topic, repo, since, due FROM resyncs WHERE repo = $1 ORDER BY topic",
+        )
+        .bind(repo)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Resync {
+                    topic: r.try_get("topic")?,
+                    repo: r.try_get("repo")?,
+                    since_ms: r.try_get("since")?,
+                    due: r.try_get("due")?,
+                })
+            })
+            .collect()
     }
 
     async fn record_audit(&self, entry: &AuditEntry, keep: u64) -> Result<u64, StoreError> {

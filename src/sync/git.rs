@@ -4,7 +4,7 @@
 //! Blocking code: called from `spawn_blocking` only. The last published commit comes from the store,
 //! never from a webhook payload, so force pushes and lost or reordered webhooks all diff correctly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use git2::{
@@ -35,6 +35,18 @@ pub struct Held {
 pub struct Synced {
     pub outcome: SyncOutcome,
     pub held: BTreeMap<String, Held>,
+    /// The topics whose whole git state was compared with their stored files ([`Compare`]).
+    pub compared: Vec<String>,
+}
+
+/// A topic whose stored files may differ from git (after a rollback or an unpin): when it is
+/// due, or when the commits synced touch it, its change is its whole git state at the new head
+/// compared with `stored`, not the diff between two commits, so the result equals the git tree.
+#[derive(Debug, Clone, Default)]
+pub struct Compare {
+    pub due: bool,
+    /// The topic's stored files: path to blob id.
+    pub stored: BTreeMap<String, String>,
 }
 
 /// One topic's changed files before their content is read: content is read only once the topic is
@@ -114,11 +126,12 @@ pub fn sync(
     limits: &LimitsConfig,
     last: Option<&str>,
     withheld: &BTreeMap<String, String>,
+    compare: &BTreeMap<String, Compare>,
 ) -> Result<Option<Synced>, GitError> {
     let path = mirror_path(data_dir, &repo.name);
     let mirror = open_mirror(&path, repo)?;
     let head = fetch(&mirror, repo)?;
-    if last == Some(head.to_string().as_str()) {
+    if last == Some(head.to_string().as_str()) && !compare.values().any(|c| c.due) {
         return Ok(None);
     }
     let read = |what: &'static str| read_error(repo, what);
@@ -168,6 +181,20 @@ pub fn sync(
             topics.insert(name.to_string(), from_base.remove(name).unwrap_or_default());
         }
     }
+    // A topic whose stored files may differ from git: its whole git state against them.
+    let compared: Vec<String> = compare
+        .iter()
+        .filter(|(t, c)| c.due || topics.get(*t).is_some_and(|d| !d.files.is_empty()))
+        .map(|(t, _)| t.clone())
+        .collect();
+    if !compared.is_empty() {
+        let mut full = compare_topics(
+            &mirror, repo, limits, &mut sizes, &new_tree, &compared, compare,
+        )?;
+        for topic in &compared {
+            topics.insert(topic.clone(), full.remove(topic).unwrap_or_default());
+        }
+    }
     hold_over_totals(&mirror, repo, limits, &mut sizes, &new_tree, &mut topics)?;
     let mut held = BTreeMap::new();
     let mut changes = Vec::with_capacity(topics.len());
@@ -210,9 +237,108 @@ pub fn sync(
             topics: changes,
             rejected: Vec::new(),
             cleared: Vec::new(),
+            ..SyncOutcome::default()
         },
         held,
+        compared,
     }))
+}
+
+/// Each topic of `wanted` as the change from its stored files (`compare`) to its files in
+/// `tree`: added, modified (another blob) and deleted files, judged like a diff's. Content is
+/// not read yet.
+fn compare_topics(
+    mirror: &Repository,
+    repo: &RepoConfig,
+    limits: &LimitsConfig,
+    sizes: &mut BlobSizes<'_>,
+    tree: &git2::Tree<'_>,
+    wanted: &[String],
+    compare: &BTreeMap<String, Compare>,
+) -> Result<BTreeMap<String, TopicDiff>, GitError> {
+    let read = |what: &'static str| read_error(repo, what);
+    let mut topics: BTreeMap<String, TopicDiff> = BTreeMap::new();
+    let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // Iterative: a hostile tree can nest deeper than any stack.
+    let mut pending: Vec<(Vec<u8>, git2::Tree<'_>)> = vec![(Vec::new(), tree.clone())];
+    while let Some((prefix, tree)) = pending.pop() {
+        for entry in tree.iter() {
+            let mut raw = prefix.clone();
+            if !raw.is_empty() {
+                raw.push(b'/');
+            }
+            raw.extend_from_slice(entry.name_bytes());
+            match entry.kind() {
+                Some(ObjectType::Tree) => {
+                    let subtree = mirror.find_tree(entry.id()).map_err(read("tree"))?;
+                    pending.push((raw, subtree));
+                }
+                Some(ObjectType::Blob) => {
+                    if !FILE_MODES
+                        .into_iter()
+                        .any(|m| i32::from(m) == entry.filemode())
+                    {
+                        continue;
+                    }
+                    let path = String::from_utf8_lossy(&raw).into_owned();
+                    let Some(topic) = repo.rules.topic_of(&path).filter(|t| wanted.contains(t))
+                    else {
+                        continue;
+                    };
+                    let stored = compare.get(&topic).and_then(|c| c.stored.get(&path));
+                    seen.entry(topic.clone()).or_default().insert(path.clone());
+                    let sha = entry.id().to_string();
+                    if stored == Some(&sha) {
+                        continue;
+                    }
+                    let held =
+                        judge(&raw, entry.id(), limits, sizes).map_err(read("blob header"))?;
+                    let diff = topics.entry(topic).or_default();
+                    if diff.held.is_none() {
+                        diff.held = held;
+                    }
+                    let status = if stored.is_some() {
+                        FileStatus::Modified
+                    } else {
+                        FileStatus::Added
+                    };
+                    let file = ChangedFile {
+                        path,
+                        status,
+                        old_path: None,
+                        sha,
+                        content: None,
+                    };
+                    diff.files.push((file, Some(entry.id())));
+                }
+                _ => {}
+            }
+        }
+    }
+    for topic in wanted {
+        let Some(c) = compare.get(topic) else {
+            continue;
+        };
+        let present = seen.get(topic);
+        for (path, sha) in &c.stored {
+            if present.is_some_and(|p| p.contains(path)) {
+                continue;
+            }
+            let file = ChangedFile {
+                path: path.clone(),
+                status: FileStatus::Deleted,
+                old_path: None,
+                sha: sha.clone(),
+                content: None,
+            };
+            topics
+                .entry(topic.clone())
+                .or_default()
+                .files
+                .push((file, None));
+        }
+    }
+    Ok(topics)
 }
 
 /// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.

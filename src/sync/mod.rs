@@ -20,8 +20,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, LimitsConfig, RepoConfig, RetentionConfig};
 use crate::hub::Hub;
-use crate::store::{Rejection, Store, SyncOutcome};
+use crate::store::{HeldChange, Pin, Rejection, Store, SyncOutcome};
 use crate::telemetry::{Metrics, StoreCall};
+
+/// Longest commit message a pin's held list keeps per change.
+const HELD_MESSAGE_BYTES: usize = 1024;
 
 /// Failed syncs in a row after which a repo counts as stuck rather than unlucky: one failure is
 /// often a blip (a forge restarting), three with backoff span about 6 s of retries.
@@ -263,6 +266,67 @@ impl Job {
         outcome.topics = keep;
     }
 
+    /// The topics of this repo whose stored files may differ from git, with those files, for a
+    /// full compare ([`git::Compare`]). Pinned topics are left out: whatever git says about
+    /// them is held back anyway, and their unpin marks them due.
+    async fn compare(
+        &self,
+        pins: &BTreeMap<String, Pin>,
+    ) -> Result<BTreeMap<String, git::Compare>, crate::store::StoreError> {
+        let mut compare: BTreeMap<String, git::Compare> = self
+            .store
+            .resyncs(&self.repo.name)
+            .await?
+            .into_iter()
+            .filter(|r| !pins.contains_key(&r.topic))
+            .map(|r| {
+                let c = git::Compare {
+                    due: r.due,
+                    stored: BTreeMap::new(),
+                };
+                (r.topic, c)
+            })
+            .collect();
+        if compare.is_empty() {
+            return Ok(compare);
+        }
+        let (_, snapshots) = self.store.snapshots(&|t| compare.contains_key(t)).await?;
+        for snapshot in snapshots {
+            if let Some(c) = compare.get_mut(&snapshot.topic) {
+                c.stored = snapshot
+                    .files
+                    .into_iter()
+                    .map(|f| (f.path, f.sha))
+                    .collect();
+            }
+        }
+        Ok(compare)
+    }
+
+    /// Takes the changes of pinned topics out of `outcome` and lists them as held instead.
+    fn hold_pinned(&self, outcome: &mut SyncOutcome, pins: &BTreeMap<String, Pin>) {
+        let mut keep = Vec::with_capacity(outcome.topics.len());
+        for change in std::mem::take(&mut outcome.topics) {
+            if change.files.is_empty() || !pins.contains_key(&change.topic) {
+                keep.push(change);
+                continue;
+            }
+            let message =
+                crate::protocol::truncate_utf8(&outcome.message, HELD_MESSAGE_BYTES).to_string();
+            outcome.held.push((
+                change.topic,
+                HeldChange {
+                    commit: outcome.commit.clone(),
+                    author: outcome.author.clone(),
+                    message,
+                    at_ms: crate::store::now_ms(),
+                    files: change.files.len(),
+                },
+            ));
+        }
+        outcome.topics = keep;
+    }
+
     async fn sync_once(&self) -> Result<(), String> {
         // One syncer per repo across replicas: wait for the repo's lock, then read the head.
         let _lock = self
@@ -284,6 +348,16 @@ impl Job {
             .into_iter()
             .map(|r| (r.topic, r.base_commit))
             .collect();
+        let pins: BTreeMap<String, Pin> = self
+            .store
+            .pins()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|p| p.repo == self.repo.name)
+            .map(|p| (p.topic.clone(), p))
+            .collect();
+        let compare = self.compare(&pins).await.map_err(|e| e.to_string())?;
         let (repo, limits, dir, prev, bases) = (
             self.repo.clone(),
             self.limits.clone(),
@@ -293,7 +367,7 @@ impl Job {
         );
         let timeout = auth::fetch_timeout(&self.repo.auth) + Duration::from_secs(5);
         let task = tokio::task::spawn_blocking(move || {
-            git::sync(&dir, &repo, &limits, prev.as_deref(), &bases)
+            git::sync(&dir, &repo, &limits, prev.as_deref(), &bases, &compare)
         });
         let outcome = tokio::time::timeout(timeout, task)
             .await
@@ -305,7 +379,12 @@ impl Job {
             })?
             .map_err(|e| format!("sync task failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        let Some(git::Synced { mut outcome, held }) = outcome else {
+        let Some(git::Synced {
+            mut outcome,
+            held,
+            compared,
+        }) = outcome
+        else {
             tracing::debug!(repo = %self.repo.name, "head unchanged");
             return Ok(());
         };
@@ -317,7 +396,18 @@ impl Job {
             .into_iter()
             .map(|t| (t.topic, t.repo))
             .collect();
+        self.hold_pinned(&mut outcome, &pins);
         self.validate(&mut outcome, held, last.as_deref(), &withheld, &owners);
+        // Compared and published (or found equal): the topic is at its git state again.
+        outcome.resynced = compared
+            .into_iter()
+            .filter(|t| !outcome.rejected.iter().any(|r| r.topic == *t))
+            .collect();
+        outcome.max_held = self.limits.max_held_changes;
+        for (topic, h) in &outcome.held {
+            tracing::info!(repo = %self.repo.name, %topic, commit = %h.commit, files = h.files,
+                "topic is pinned; change held back");
+        }
         let changes = (self.metrics)
             .time_store(StoreCall::Publish, self.store.publish(&outcome))
             .await
