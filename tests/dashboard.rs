@@ -763,18 +763,104 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
         .expect("check");
     assert_eq!(pwned, json!(true));
 
-    // Commands are built elsewhere: until they exist, the panel says so instead of failing.
+    // A pin shows on the topic's row, with who and why, as soon as it is in (the feed).
+    let reply = server
+        .http
+        .put(server.url("/api/v1/topics/payments/pin"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"reason": "freeze for the audit"}))
+        .send()
+        .await
+        .expect("pin");
+    assert_eq!(reply.status().as_u16(), 200);
+    client.goto(&server.url("/#/")).await.expect("topics");
+    until(
+        &client,
+        "the pin on payments",
+        &format!("{payments} !== null && {payments}.querySelector('.pin') !== null"),
+    )
+    .await;
+    let pin = text_of(&client, &format!("{payments}.querySelector('.pin').title")).await;
+    assert!(
+        pin.contains("operator") && pin.contains("freeze for the audit"),
+        "{pin}"
+    );
+    screenshot(&client, "06-pinned").await;
+
+    // Commands: a read token sees them; sending one takes an admin token. The operator
+    // switches tokens, sends `refresh-cache` to all from the form, and watches it get done.
+    client
+        .find(Locator::Css("#signout"))
+        .await
+        .expect("forget token")
+        .click()
+        .await
+        .expect("click");
+    client
+        .find(Locator::Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(ADMIN_TOKEN)
+        .await
+        .expect("type the token");
+    client
+        .find(Locator::Css("#login-submit"))
+        .await
+        .expect("submit")
+        .click()
+        .await
+        .expect("click");
     client
         .goto(&server.url("/#/commands"))
         .await
         .expect("commands");
     until(
         &client,
-        "commands unavailable",
-        "!document.getElementById('commands-unavailable').hidden",
+        "the commands panel",
+        "!document.getElementById('commands-panel').hidden",
     )
     .await;
-    screenshot(&client, "06-commands").await;
+    client
+        .find(Locator::Css("#command-form input[name=name]"))
+        .await
+        .expect("name field")
+        .send_keys("refresh-cache")
+        .await
+        .expect("type a name");
+    client
+        .find(Locator::Css("#command-form button[type=submit]"))
+        .await
+        .expect("send button")
+        .click()
+        .await
+        .expect("send");
+    // Each instance receives it over its WebSocket and acks it done.
+    let mut sent = None;
+    for session in [&mut one, &mut two, &mut three] {
+        let id = loop {
+            if let ServerMessage::Command { id, name, .. } = next(session).await {
+                assert_eq!(name, "refresh-cache");
+                break id;
+            }
+        };
+        session
+            .ack_command(&id, confcast::protocol::CommandStatus::Done, None)
+            .await
+            .expect("ack the command");
+        sent.get_or_insert(id);
+    }
+    let id = sent.expect("a command id");
+    let command_row = format!("document.querySelector('#commands-body tr[data-command=\"{id}\"]')");
+    until(
+        &client,
+        "the command done on all three",
+        &format!(
+            "{command_row} !== null && {command_row}.innerText.includes('3/3 done') \
+             && document.querySelectorAll('#command-detail tr[data-instance] .st-applied').length === 3"
+        ),
+    )
+    .await;
+    screenshot(&client, "07-command-done").await;
 
     // The token stays for the tab (a reload does not ask again) and is never in a URL.
     client.refresh().await.expect("reload");
@@ -790,6 +876,6 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
         .expect("check");
     assert_eq!(asked, json!(false));
     let url = client.current_url().await.expect("url");
-    assert!(!url.as_str().contains(READ_TOKEN));
+    assert!(!url.as_str().contains(READ_TOKEN) && !url.as_str().contains(ADMIN_TOKEN));
     client.close().await.expect("close the browser");
 }

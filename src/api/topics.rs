@@ -111,6 +111,7 @@ pub async fn pin(
         )));
     }
     tracing::info!(topic = %pin.topic, version, by = %caller, "topic pinned");
+    app.hub.rollouts.stir();
     Ok(Json(json!({
         "status": "pinned",
         "topic": pin.topic,
@@ -150,6 +151,7 @@ pub async fn unpin(
     // The repo's next sync publishes the topic's git state if it differs from what is stored.
     let queued = app.syncers.trigger(&topic.repo);
     tracing::info!(topic = %topic.topic, by = %caller, held = pin.held_total, "topic unpinned");
+    app.hub.rollouts.stir();
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

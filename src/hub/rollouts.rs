@@ -136,17 +136,36 @@ struct TopicLine<'a> {
     #[serde(flatten)]
     summary: &'a TopicSummary,
     counts: Counts,
+    /// Who pinned it, why, and how many pushes it holds back; `null` when not pinned.
+    pinned: Option<PinLine<'a>>,
+}
+
+#[derive(Serialize)]
+struct PinLine<'a> {
+    by: &'a str,
+    reason: &'a str,
+    version: u64,
+    at_ms: i64,
+    held_total: u64,
 }
 
 async fn board(store: &dyn Store) -> Result<String, StoreError> {
     let topics = store.topics().await?;
     let (subscribers, acks) = store.rollout_groups().await?;
+    let pins = store.pins().await?;
     let counts = count(&topics, &subscribers, &acks);
     let lines: Vec<TopicLine> = topics
         .iter()
         .map(|t| TopicLine {
             summary: t,
             counts: counts.get(&t.topic).cloned().unwrap_or_default(),
+            pinned: pins.iter().find(|p| p.topic == t.topic).map(|p| PinLine {
+                by: &p.by,
+                reason: &p.reason,
+                version: p.version,
+                at_ms: p.at_ms,
+                held_total: p.held_total,
+            }),
         })
         .collect();
     let total: u64 = subscribers.iter().map(|g| g.count).sum();

@@ -18,6 +18,7 @@ const state = {
   instancesDirty: false,
   lastInstancesLoad: 0,
   commandsTimer: null,
+  commandShown: null,
   streamAbort: null,
   streamRetry: 1000,
 };
@@ -212,6 +213,13 @@ function progress(counts) {
   return { bar, text, percent };
 }
 
+// A pinned topic: who pinned it and why, and how many pushes it holds back (PUT .../pin).
+function pinBadge(pin) {
+  if (!pin) return '';
+  const held = pin.held_total ? ` · ${pin.held_total} held` : '';
+  return el('span', { class: 'pin', title: `pinned at v${pin.version} by ${pin.by} ${fmtTime(pin.at_ms)}: ${pin.reason}`, text: `pinned${held}` });
+}
+
 function renderTopics() {
   const body = clear($('topics-body'));
   const topics = (state.board && state.board.topics) || [];
@@ -222,6 +230,7 @@ function renderTopics() {
     const row = el('tr', { 'data-topic': t.topic, 'data-percent': p.percent, class: 'clickable', onclick: () => { location.hash = `#/topic/${topicPath(t.topic)}`; } },
       el('td', {}, el('a', { href: `#/topic/${topicPath(t.topic)}`, text: t.topic })),
       el('td', { class: 'mono', title: `published ${fmtTime(t.updated_at_ms)}` }, `v${t.version}`,
+        pinBadge(t.pinned),
         el('div', { class: 'when', text: ago(t.updated_at_ms) })),
       el('td', { class: 'mono', title: t.commit, text: short(t.commit) }),
       el('td', { text: t.author || '' }),
@@ -239,7 +248,8 @@ function renderTopicSummary() {
   if (!t) return;
   const p = progress(t.counts || {});
   box.setAttribute('data-percent', p.percent);
-  box.append(el('div', {}, el('div', { class: 'muted', text: `repo ${t.repo} · current v${t.version} · ${short(t.commit)}` })),
+  box.append(el('div', {}, el('div', { class: 'muted', text: `repo ${t.repo} · current v${t.version} · ${short(t.commit)}` }),
+    t.pinned ? el('div', { class: 'pin-note', text: `pinned at v${t.pinned.version} by ${t.pinned.by}: ${t.pinned.reason}${t.pinned.held_total ? ` (${t.pinned.held_total} pushes held back)` : ''}` }) : ''),
     el('div', {}, p.bar, p.text));
 }
 
@@ -404,11 +414,16 @@ async function loadCommands() {
       el('td', { text: fmtTime(c.created_at_ms) }),
       el('td', {}, ...commandBar(c.counts || {}))));
   }
+  // The command shown below the list follows it.
+  if (state.commandShown) await showCommand(state.commandShown);
 }
 
 async function showCommand(id) {
-  const box = clear($('command-detail'));
+  state.commandShown = id;
+  const box = $('command-detail');
   const { status, body } = await api(`/api/v1/commands/${encodeURIComponent(id)}`);
+  if (state.commandShown !== id) return;
+  clear(box);
   if (status !== 200) { box.append(el('p', { class: 'error', text: (body && body.error) || `HTTP ${status}` })); return; }
   box.append(el('h2', { text: `Command ${body.id}: ${body.name}` }),
     el('p', { class: 'mono', text: `args ${JSON.stringify(body.args)}` }));
@@ -450,8 +465,8 @@ async function sendCommand(event) {
   const { status, body } = await api('/api/v1/commands', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(request) });
   if (status === 201) {
     out.textContent = `sent: command ${body.id}`;
+    state.commandShown = body.id;
     await loadCommands();
-    await showCommand(body.id);
   } else if (status === 403) {
     out.textContent = 'refused: sending commands needs an admin token';
   } else {
