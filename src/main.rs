@@ -7,8 +7,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-mod command_cli;
-
 #[derive(Parser)]
 #[command(
     name = "confcast",
@@ -45,7 +43,7 @@ enum Command {
     Agent(Box<AgentArgs>),
     /// Send commands to instances (refresh-cache, ...) and see what each made of them.
     #[command(name = "command", subcommand)]
-    Cmd(command_cli::CommandCli),
+    Cmd(confcast::cli::commands::CommandCli),
     /// Measure: replay speed, fan-out latency. Prints figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -335,8 +333,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cmd(cli) => {
-            if !command_cli::run(cli).await? {
-                std::process::exit(i32::from(command_cli::NOT_ALL_DONE));
+            if !confcast::cli::commands::run(cli).await? {
+                std::process::exit(i32::from(confcast::cli::commands::NOT_ALL_DONE));
             }
             Ok(())
         }

@@ -29,8 +29,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{close, topic_matches, AckStatus};
-use crate::store::{AckRecord, InstanceRecord, Store, TopicSummary};
+use crate::protocol::{close, AckStatus};
+use crate::store::{in_rollout, AckRecord, InstanceRecord, Standing, Store, TopicSummary};
 
 /// `Content-Type` of the Prometheus text format (0.0.4), served unless OpenMetrics is asked for.
 pub const PROMETHEUS_TEXT: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -583,20 +583,21 @@ fn converged_at(
     let mut last = None;
     for i in instances {
         let ack = acks.get(i.id.as_str());
-        let subscribed = i
-            .subscriptions
-            .iter()
-            .any(|p| topic_matches(p, &topic.topic));
-        if !subscribed && ack.is_none() {
+        if !in_rollout(&i.subscriptions, &topic.topic, ack.is_some()) {
             continue;
         }
         match ack {
-            Some(a) if a.status == AckStatus::Applied && a.version == topic.version => {
+            Some(a)
+                if Standing::of(Some((a.status, a.version)), topic.version)
+                    == Standing::Applied =>
+            {
                 last = last.max(Some(a.acked_at_ms));
             }
+            // Behind or failed: not converged (`store::converged`).
             _ => return None,
         }
     }
+    // At least one applied, as `store::converged` asks.
     last
 }
 

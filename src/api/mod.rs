@@ -18,7 +18,9 @@ use serde_json::json;
 use crate::app::{bearer, App, AppError, AppState, Caller, Peer};
 use crate::config::ApiScope;
 use crate::protocol::{topic_matches, AckStatus};
-use crate::store::{AckRecord, AuditQuery, InstanceRecord, TopicSummary};
+use crate::store::{
+    converged, in_rollout, AckRecord, AuditQuery, InstanceRecord, Standing, TopicSummary,
+};
 use crate::sync::STUCK_AFTER;
 
 mod dashboard;
@@ -334,9 +336,10 @@ async fn rollout(app: &App, topic: &str, version: u64) -> Result<Rollout, AppErr
         behind: vec![],
         failed: vec![],
     };
-    for i in instances.iter().filter(|i| {
-        i.subscriptions.iter().any(|p| topic_matches(p, topic)) || acks.contains_key(&i.id)
-    }) {
+    for i in instances
+        .iter()
+        .filter(|i| in_rollout(&i.subscriptions, topic, acks.contains_key(&i.id)))
+    {
         let ack = acks.get(&i.id);
         let entry = RolloutEntry {
             instance: i.id.clone(),
@@ -344,13 +347,14 @@ async fn rollout(app: &App, topic: &str, version: u64) -> Result<Rollout, AppErr
             version: ack.map(|a| a.version),
             error: ack.and_then(|a| a.error.clone()),
         };
-        match ack {
-            Some(a) if a.status == AckStatus::Failed => r.failed.push(entry),
-            Some(a) if a.version == version => r.applied.push(entry),
-            _ => r.behind.push(entry),
+        match Standing::of(ack.map(|a| (a.status, a.version)), version) {
+            Standing::Failed => r.failed.push(entry),
+            Standing::Applied => r.applied.push(entry),
+            Standing::Behind => r.behind.push(entry),
         }
     }
-    r.converged = r.behind.is_empty() && r.failed.is_empty() && !r.applied.is_empty();
+    let n = |list: &Vec<RolloutEntry>| u64::try_from(list.len()).unwrap_or(u64::MAX);
+    r.converged = converged(n(&r.applied), n(&r.behind), n(&r.failed));
     Ok(r)
 }
 

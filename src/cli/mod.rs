@@ -1,8 +1,10 @@
-//! The operator's commands over the HTTP API: `rollback`, `pin`, `unpin` ([`topics`]) and
-//! `status` ([`status`]). They talk to a running server like any other API client, with the API
-//! token taken from an environment variable (never from the command line, where `ps` and shell
-//! history would show it). `main.rs` only parses their arguments.
+//! The operator's commands over the HTTP API: `rollback`, `pin`, `unpin` ([`topics`]),
+//! `status` ([`status`]) and `command send|show|list` ([`commands`]). They talk to a running
+//! server like any other API client, with the API token taken from an environment variable
+//! (never from the command line, where `ps` and shell history would show it). `main.rs` only
+//! parses their arguments.
 
+pub mod commands;
 pub mod status;
 pub mod topics;
 

@@ -18,8 +18,8 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{topic_matches, AckStatus};
-use crate::store::{AckGroup, Store, StoreError, SubscriberGroup, TopicSummary};
+use crate::protocol::topic_matches;
+use crate::store::{AckGroup, Standing, Store, StoreError, SubscriberGroup, TopicSummary};
 
 /// The shortest time between two computations: bursts of acks coalesce into one.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
@@ -215,11 +215,14 @@ pub fn count(
                 };
                 *waiting = waiting.saturating_sub(a.count);
             }
-            match (a.status, a.connected) {
-                (AckStatus::Failed, _) => c.failed += a.count,
-                (_, _) if a.version == t.version => c.applied += a.count,
-                (_, true) => c.behind += a.count,
-                (_, false) => c.offline += a.count,
+            match (
+                Standing::of(Some((a.status, a.version)), t.version),
+                a.connected,
+            ) {
+                (Standing::Failed, _) => c.failed += a.count,
+                (Standing::Applied, _) => c.applied += a.count,
+                (Standing::Behind, true) => c.behind += a.count,
+                (Standing::Behind, false) => c.offline += a.count,
             }
         }
         c.behind += waiting_on;
@@ -233,6 +236,7 @@ pub fn count(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::AckStatus;
 
     fn topic(name: &str, version: u64) -> TopicSummary {
         TopicSummary {

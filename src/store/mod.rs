@@ -401,6 +401,44 @@ pub enum CommandAckOutcome {
     NotDelivered,
 }
 
+/// Where one instance stands in a topic's rollout, by its latest ack for the topic: the one rule
+/// that the API's `rollout`, the dashboard's counts and the convergence metric all apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Its latest ack applied the topic's current version.
+    Applied,
+    /// No ack yet, or its latest ack applied an older version.
+    Behind,
+    /// Its latest ack failed (for any version).
+    Failed,
+}
+
+impl Standing {
+    /// `ack` is the latest ack's verdict and version, `current` the topic's version.
+    pub fn of(ack: Option<(AckStatus, u64)>, current: u64) -> Standing {
+        match ack {
+            Some((AckStatus::Failed, _)) => Standing::Failed,
+            Some((AckStatus::Applied, version)) if version == current => Standing::Applied,
+            _ => Standing::Behind,
+        }
+    }
+}
+
+/// Whether an instance counts in `topic`'s rollout: it subscribed to a pattern matching the
+/// topic, or it acked the topic.
+pub fn in_rollout(subscriptions: &[String], topic: &str, acked: bool) -> bool {
+    acked
+        || subscriptions
+            .iter()
+            .any(|p| crate::protocol::topic_matches(p, topic))
+}
+
+/// A rollout has converged when at least one instance applied its version and none is behind
+/// or failed.
+pub fn converged(applied: u64, behind: u64, failed: u64) -> bool {
+    applied > 0 && behind == 0 && failed == 0
+}
+
 /// Why an ack was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AckRejection {
@@ -692,4 +730,40 @@ pub fn new_epoch_id() -> String {
     let a: u64 = rand::random();
     let b: u64 = rand::random();
     format!("{a:016x}{b:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{converged, in_rollout, Standing};
+    use crate::protocol::AckStatus;
+
+    #[test]
+    fn the_rollout_rule_is_the_latest_ack_against_the_current_version() {
+        assert_eq!(Standing::of(None, 3), Standing::Behind);
+        assert_eq!(
+            Standing::of(Some((AckStatus::Applied, 2)), 3),
+            Standing::Behind
+        );
+        assert_eq!(
+            Standing::of(Some((AckStatus::Applied, 3)), 3),
+            Standing::Applied
+        );
+        // A failure counts whatever version it was for.
+        assert_eq!(
+            Standing::of(Some((AckStatus::Failed, 3)), 3),
+            Standing::Failed
+        );
+        assert_eq!(
+            Standing::of(Some((AckStatus::Failed, 1)), 3),
+            Standing::Failed
+        );
+        let subs = vec!["payments/*".to_string()];
+        assert!(in_rollout(&subs, "payments/eu", false));
+        assert!(!in_rollout(&subs, "billing", false));
+        assert!(in_rollout(&subs, "billing", true), "an ack counts it in");
+        assert!(converged(3, 0, 0));
+        assert!(!converged(0, 0, 0), "nobody applied: not converged");
+        assert!(!converged(3, 1, 0));
+        assert!(!converged(3, 0, 1));
+    }
 }

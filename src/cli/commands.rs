@@ -1,10 +1,11 @@
 //! `confcast command send|show|list`: the CLI over `POST/GET /api/v1/commands`, for operators and
-//! scripts. Glue only (anyhow, HTTP); the rules live in the server.
+//! scripts. Glue only (HTTP through [`Api`]); the rules live in the server.
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use serde_json::{json, Value};
+
+use super::{parse_duration, Api, ApiArgs, CliError};
 
 /// The exit status of `send --wait` when not every targeted instance acked `done`.
 pub const NOT_ALL_DONE: u8 = 4;
@@ -26,16 +27,6 @@ pub enum CommandCli {
         #[command(flatten)]
         api: ApiArgs,
     },
-}
-
-#[derive(clap::Args)]
-pub struct ApiArgs {
-    /// The server's base URL, e.g. http://confcast.internal:8080
-    #[arg(long)]
-    server: String,
-    /// Environment variable holding the API token (admin to send, read to show).
-    #[arg(long, default_value = "CONFCAST_API_TOKEN")]
-    token_env: String,
 }
 
 #[derive(clap::Args)]
@@ -75,70 +66,8 @@ pub struct SendArgs {
     timeout: Duration,
 }
 
-/// `90`, `90s`, `5m`, `1h`, `500ms`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((text, ""), |i| text.split_at(i));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}`: expected a number with s, m, h or ms"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
-        _ => Err(format!("`{text}`: unknown unit `{unit}` (s, m, h or ms)")),
-    }
-}
-
-struct Api {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl Api {
-    fn new(args: &ApiArgs) -> anyhow::Result<Api> {
-        let token = std::env::var(&args.token_env)
-            .ok()
-            .filter(|t| !t.is_empty());
-        Ok(Api {
-            base: args.server.trim_end_matches('/').to_string(),
-            token,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .context("http client")?,
-        })
-    }
-
-    async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let request = match &self.token {
-            Some(t) => request.bearer_auth(t),
-            None => request,
-        };
-        let reply = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
-        let status = reply.status();
-        let body: Value = reply.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            let why = body["error"].as_str().unwrap_or("no error message");
-            bail!("{status}: {why}");
-        }
-        Ok(body)
-    }
-
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.call(self.http.get(format!("{}{path}", self.base)))
-            .await
-    }
-}
-
 /// Runs the subcommand; `Ok(false)` when `send --wait` saw not every instance done.
-pub async fn run(cli: CommandCli) -> anyhow::Result<bool> {
+pub async fn run(cli: CommandCli) -> Result<bool, CliError> {
     match cli {
         CommandCli::Send(args) => send(*args).await,
         CommandCli::Show { id, api } => {
@@ -178,7 +107,7 @@ pub async fn run(cli: CommandCli) -> anyhow::Result<bool> {
     }
 }
 
-async fn send(args: SendArgs) -> anyhow::Result<bool> {
+async fn send(args: SendArgs) -> Result<bool, CliError> {
     let api = Api::new(&args.api)?;
     let target = if args.all {
         json!({"all": true})
@@ -191,17 +120,20 @@ async fn send(args: SendArgs) -> anyhow::Result<bool> {
         for l in &args.label {
             let (k, v) = l
                 .split_once('=')
-                .with_context(|| format!("--label {l}: expected key=value"))?;
+                .ok_or_else(|| CliError::Usage(format!("--label {l}: expected key=value")))?;
             labels.insert(k.to_string(), Value::String(v.to_string()));
         }
         json!({"labels": labels})
     } else if let Some(topics) = &args.topics {
         json!({"topics": topics})
     } else {
-        bail!("give a target: --all, --instance, --app, --label or --topics");
+        return Err(CliError::Usage(
+            "give a target: --all, --instance, --app, --label or --topics".into(),
+        ));
     };
     let command_args: Value = match &args.args {
-        Some(text) => serde_json::from_str(text).context("--args is not valid JSON")?,
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| CliError::Usage(format!("--args is not valid JSON: {e}")))?,
         None => Value::Null,
     };
     let mut body = json!({"target": target, "name": args.name, "args": command_args});
@@ -209,15 +141,11 @@ async fn send(args: SendArgs) -> anyhow::Result<bool> {
         body["deadline_secs"] = json!(d.as_secs().max(1));
     }
     let created = api
-        .call(
-            api.http
-                .post(format!("{}/api/v1/commands", api.base))
-                .json(&body),
-        )
+        .send(reqwest::Method::POST, "/api/v1/commands", Some(body))
         .await?;
     let id = created["id"]
         .as_str()
-        .context("the server did not answer an id")?;
+        .ok_or_else(|| CliError::Usage("the server did not answer an id".into()))?;
     println!("{id}");
     if !args.wait {
         return Ok(true);
@@ -293,21 +221,5 @@ fn print_command(c: &Value) {
             after(&i["finished_at_ms"]),
             i["message"].as_str().unwrap_or("")
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-    use std::time::Duration;
-
-    #[test]
-    fn durations_take_a_unit() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("5d").is_err());
-        assert!(parse_duration("m").is_err());
     }
 }
