@@ -370,6 +370,7 @@ pub async fn run(
         let _ = stop_tx.send(());
     } else {
         println!("Still serving. Try: curl {base}/api/v1/instances");
+        println!("Send a command: confcast command send --name refresh-cache --all --wait");
         println!("Push more: git clone {} ; edit ; commit ; git push ; then curl -X POST {base}/api/v1/repos/demo/sync", origin.url());
         println!("Ctrl-C to stop.");
         shutdown.await;
@@ -411,6 +412,22 @@ async fn instance_loop(name: &'static str, mut session: Session, log: Arc<Mutex<
                     c.version,
                     format!("change seq {} ({})", c.seq, files.join(", ")),
                 )
+            }
+            ServerMessage::Command {
+                id, name: command, ..
+            } => {
+                // The second job: a command such as refresh-cache, done at once and acked.
+                let line = format!("  {name}: command {command} ({id}) -> done, ack sent");
+                println!("{line}");
+                log.lock().await.push(line);
+                if session
+                    .ack_command(&id, crate::protocol::CommandStatus::Done, None)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
             }
             _ => continue,
         };
