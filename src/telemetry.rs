@@ -738,6 +738,7 @@ mod tests {
             connected: true,
             node: None,
             last_seen_ms: 0,
+            connected_at_ms: None,
         }
     }
 

@@ -632,10 +632,17 @@ mod contract {
 
     pub async fn instances_follow_their_newest_connection_and_reset_node(store: Arc<dyn Store>) {
         let labels = BTreeMap::from([("env".to_string(), "prod".to_string())]);
+        let before = now_ms();
         store
             .instance_connected("web-1", Some("web"), &labels, "conn-1", "node-a")
             .await
             .expect("connected");
+        let connected_at = store.instances().await.expect("instances")[0].connected_at_ms;
+        assert!(
+            connected_at.is_some_and(|t| t >= before && t <= now_ms()),
+            "{connected_at:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         store
             .instance_subscriptions("web-1", &["payments".into(), "search/*".into()])
             .await
@@ -654,6 +661,9 @@ mod contract {
         assert_eq!(web1.subscriptions, ["payments", "search/*"]);
         assert_eq!(web1.node.as_deref(), Some("node-a"));
         assert!(web1.connected);
+        // A subscribe moves last_seen, not the time the connection was accepted.
+        assert_eq!(web1.connected_at_ms, connected_at);
+        assert!(Some(web1.last_seen_ms) > connected_at);
         assert_eq!((all[1].id.as_str(), all[1].app.as_deref()), ("web-2", None));
 
         let connected = |store: Arc<dyn Store>, id: &'static str| async move {

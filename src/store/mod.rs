@@ -219,6 +219,9 @@ pub struct InstanceRecord {
     pub connected: bool,
     pub node: Option<String>,
     pub last_seen_ms: i64,
+    /// When its current connection (or, disconnected, its last one) was accepted; `None` for
+    /// an instance last seen before this was recorded.
+    pub connected_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

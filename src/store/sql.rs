@@ -140,6 +140,11 @@ CREATE TABLE pins (
 CREATE TABLE resyncs (
     topic TEXT PRIMARY KEY, repo TEXT NOT NULL, since {int} NOT NULL, due {bool} NOT NULL);
 "#,
+    // When each instance's current (or last) connection was accepted: `last_seen` moves on every
+    // subscribe, so it cannot say "connected since".
+    r#"
+ALTER TABLE instances ADD COLUMN connected_at {int};
+"#,
 ];
 
 /// The column types a backend writes for the tokens in [`MIGRATIONS`].
@@ -258,7 +263,8 @@ const DELETE_FILE: &str = "DELETE FROM topic_files WHERE topic = $1 AND path = $
 const ACKS: &str = "SELECT instance, topic, version, status, error, acked_at FROM acks
      WHERE CAST($1 AS TEXT) IS NULL OR instance = $1 ORDER BY instance, topic";
 
-const INSTANCE_COLUMNS: &str = "id, app, labels, subscriptions, connected, node, last_seen";
+const INSTANCE_COLUMNS: &str =
+    "id, app, labels, subscriptions, connected, node, last_seen, connected_at";
 
 fn instance_record<R: Row>(r: &R) -> Result<InstanceRecord, StoreError>
 where
@@ -277,6 +283,7 @@ where
         connected: r.try_get("connected")?,
         node: r.try_get("node")?,
         last_seen_ms: r.try_get("last_seen")?,
+        connected_at_ms: r.try_get("connected_at")?,
     })
 }
 
@@ -832,10 +839,11 @@ where
         node: &str,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO instances (id, app, labels, subscriptions, connected, connection, node, last_seen)
-             VALUES ($1, $2, $3, '[]', true, $4, $5, $6)
+            "INSERT INTO instances (id, app, labels, subscriptions, connected, connection, node, last_seen, connected_at)
+             VALUES ($1, $2, $3, '[]', true, $4, $5, $6, $6)
              ON CONFLICT (id) DO UPDATE SET app = excluded.app, labels = excluded.labels, connected = true,
-               connection = excluded.connection, node = excluded.node, last_seen = excluded.last_seen",
+               connection = excluded.connection, node = excluded.node, last_seen = excluded.last_seen,
+               connected_at = excluded.connected_at",
         )
         .bind(instance)
         .bind(app)

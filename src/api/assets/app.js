@@ -353,7 +353,7 @@ async function loadInstances(after) {
       el('td', { text: i.app || '' }),
       labels,
       el('td', { class: 'mono', text: i.node || '' }),
-      el('td', { title: fmtTime(i.last_seen_ms), text: `${i.connected ? '' : 'gone '}${ago(i.last_seen_ms)}` }),
+      since(i),
       topics,
       el('td', { class: 'msg st-failed', text: lastError })));
   }
@@ -362,6 +362,12 @@ async function loadInstances(after) {
 function firstInstancesPage() {
   state.pages = [null];
   return loadInstances(null);
+}
+
+// Connected: since its connection was accepted. Gone: since it left (its last_seen).
+function since(i) {
+  const at = i.connected ? (i.connected_at_ms || i.last_seen_ms) : i.last_seen_ms;
+  return el('td', { title: `${i.connected ? 'connected' : 'left'} ${fmtTime(at)}`, text: `${i.connected ? '' : 'gone '}${ago(at)}` });
 }
 
 // ---- commands ---------------------------------------------------------------------------------
