@@ -585,13 +585,7 @@ async fn a_command_sent_on_one_replica_reaches_an_instance_on_another() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let store = format!("[store]\nurl = \"{}\"\n", db.url);
-    let mut replicas = Vec::new();
-    for name in ["a", "b"] {
-        let sub = dir.path().join(name);
-        std::fs::create_dir_all(&sub).expect("replica dir");
-        replicas.push(ServerProcess::start(&sub, &repo, "", &store).await);
-    }
+    let replicas = start_replicas(dir.path(), &repo, &db, 2).await;
     let (a, b) = (&replicas[0], &replicas[1]);
     let base_a = a.url("");
     let mut on_b = Member::join(&b.ws_url(), None, "web-b", "web", &[], &["payments"]).await;

@@ -578,6 +578,24 @@ fn artifacts() -> PathBuf {
     dir
 }
 
+/// Types `token` into the page's token form and submits it.
+async fn sign_in(client: &Client, token: &str) {
+    client
+        .find(Locator::Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(token)
+        .await
+        .expect("type the token");
+    client
+        .find(Locator::Css("#login-submit"))
+        .await
+        .expect("submit")
+        .click()
+        .await
+        .expect("click");
+}
+
 async fn screenshot(client: &Client, name: &str) {
     let png = client.screenshot().await.expect("screenshot");
     std::fs::write(artifacts().join(format!("{name}.png")), png).expect("write screenshot");
@@ -620,20 +638,7 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
     )
     .await;
     screenshot(&client, "01-token").await;
-    client
-        .find(Locator::Css("#token"))
-        .await
-        .expect("token field")
-        .send_keys(READ_TOKEN)
-        .await
-        .expect("type the token");
-    client
-        .find(Locator::Css("#login-submit"))
-        .await
-        .expect("submit")
-        .click()
-        .await
-        .expect("click");
+    sign_in(&client, READ_TOKEN).await;
     let payments = "document.querySelector('#topics-body tr[data-topic=\"payments\"]')";
     until(
         &client,
@@ -796,20 +801,7 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
         .click()
         .await
         .expect("click");
-    client
-        .find(Locator::Css("#token"))
-        .await
-        .expect("token field")
-        .send_keys(ADMIN_TOKEN)
-        .await
-        .expect("type the token");
-    client
-        .find(Locator::Css("#login-submit"))
-        .await
-        .expect("submit")
-        .click()
-        .await
-        .expect("click");
+    sign_in(&client, ADMIN_TOKEN).await;
     client
         .goto(&server.url("/#/commands"))
         .await

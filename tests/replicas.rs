@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use confcast::client::{Client, ClientOptions, Delivery};
 use confcast::protocol::AckStatus;
-use util::{config_repo, PgDatabase, ServerProcess, WAIT};
+use util::{config_repo, start_replicas, PgDatabase, ServerProcess, WAIT};
 
 struct Fleet {
     clients: Vec<(String, Client)>,
@@ -51,13 +51,7 @@ async fn three_replicas_share_one_log_without_losing_or_doubling_a_version() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let store = format!("[store]\nurl = \"{}\"\n", db.url);
-    let mut replicas = Vec::new();
-    for name in ["a", "b", "c"] {
-        let sub = dir.path().join(name);
-        std::fs::create_dir_all(&sub).expect("replica dir");
-        replicas.push(ServerProcess::start(&sub, &repo, "", &store).await);
-    }
+    let mut replicas = start_replicas(dir.path(), &repo, &db, 3).await;
     let urls: Vec<String> = replicas.iter().map(|r| r.ws_url()).collect();
 
     // Two instances on each replica; each also knows the others' URLs for failover.

@@ -605,13 +605,7 @@ async fn pins_and_rollbacks_hold_across_replicas() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let store = format!("[store]\nurl = \"{}\"\n", db.url);
-    let mut replicas = Vec::new();
-    for name in ["a", "b"] {
-        let sub = dir.path().join(name);
-        std::fs::create_dir_all(&sub).expect("replica dir");
-        replicas.push(ServerProcess::start(&sub, &repo, "", &store).await);
-    }
+    let replicas = start_replicas(dir.path(), &repo, &db, 2).await;
     let (a, b) = (&replicas[0], &replicas[1]);
     let identity = Identity {
         instance: "web-b".into(),

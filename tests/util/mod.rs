@@ -744,3 +744,20 @@ pub async fn wait_synced(server: &TestServer) {
     .await
     .expect("synced in time");
 }
+
+/// `n` `confcast serve` processes (`a`, `b`, ...) on one PostgreSQL database, all serving `repo`.
+pub async fn start_replicas(
+    dir: &Path,
+    repo: &ConfigRepo,
+    db: &PgDatabase,
+    n: usize,
+) -> Vec<ServerProcess> {
+    let store = format!("[store]\nurl = \"{}\"\n", db.url);
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c", "d", "e"].into_iter().take(n) {
+        let sub = dir.join(name);
+        std::fs::create_dir_all(&sub).expect("replica dir");
+        replicas.push(ServerProcess::start(&sub, repo, "", &store).await);
+    }
+    replicas
+}
