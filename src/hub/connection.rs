@@ -48,6 +48,10 @@ pub async fn upgrade(
     let limits = &app.config.limits;
     let max_frame = usize::try_from(limits.max_frame_bytes()).unwrap_or(usize::MAX);
     Ok(ws
+        // tungstenite reserves (and zeroes on every read) 128 KiB per socket by default, which
+        // was most of an idle connection's memory. Clients send small messages (hello,
+        // subscribe, acks); the buffer grows for a larger one, up to the message cap below.
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(limits.max_client_message_bytes)
         .max_frame_size(limits.max_client_message_bytes)
         // A peer that does not read fills this and is dropped: one frame being written plus
@@ -62,6 +66,9 @@ pub async fn upgrade(
                 .await;
         }))
 }
+
+/// What each WebSocket's read buffer starts at (see `upgrade`).
+const READ_BUFFER_BYTES: usize = 4 * 1024;
 
 /// Why the server ends a connection.
 enum End {
