@@ -484,6 +484,12 @@ impl ServerProcess {
             .spawn()
             .expect("start confcast serve");
         self.child = Some(child);
+        // A fresh connection pool: idle connections kept from a process killed on this port
+        // would fail the next requests ("connection closed before message completed").
+        self.http = reqwest::Client::builder()
+            .timeout(WAIT)
+            .build()
+            .expect("http client");
         let ready = tokio::time::timeout(WAIT, async {
             loop {
                 if let Ok(r) = self.http.get(self.url("/readyz")).send().await {
