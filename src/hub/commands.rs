@@ -160,6 +160,31 @@ pub fn check_name(name: &str, max: usize) -> Result<(), String> {
 }
 
 /// The `command` frame for `c`.
+/// An active command as connections deliver it: its target parsed and its frame encoded once
+/// per replica by the dispatcher, not once per connection.
+#[derive(Debug)]
+pub struct Dispatched {
+    pub command: ActiveCommand,
+    /// `None` when the stored target does not parse (it then reaches nobody).
+    pub target: Option<CommandTarget>,
+    /// The `command` message, encoded; every recipient gets these bytes.
+    pub frame: axum::extract::ws::Utf8Bytes,
+}
+
+impl Dispatched {
+    fn new(command: ActiveCommand) -> Dispatched {
+        let target = serde_json::from_value(command.target.clone()).ok();
+        let frame = serde_json::to_string(&frame(&command))
+            .unwrap_or_default()
+            .into();
+        Dispatched {
+            command,
+            target,
+            frame,
+        }
+    }
+}
+
 pub fn frame(c: &ActiveCommand) -> ServerMessage {
     ServerMessage::Command {
         id: c.id.clone(),
@@ -191,7 +216,7 @@ impl Hub {
     }
 
     /// The commands whose deadline is ahead, as last read; changes when the set does.
-    pub fn active_commands(&self) -> tokio::sync::watch::Receiver<Arc<Vec<ActiveCommand>>> {
+    pub fn active_commands(&self) -> tokio::sync::watch::Receiver<Arc<Vec<Dispatched>>> {
         self.commands.subscribe()
     }
 
@@ -208,7 +233,11 @@ impl Hub {
         let mut expire_due = true;
         loop {
             let now = now_ms();
-            expire_due |= self.commands.borrow().iter().any(|c| c.deadline_ms <= now);
+            expire_due |= self
+                .commands
+                .borrow()
+                .iter()
+                .any(|c| c.command.deadline_ms <= now);
             if expire_due {
                 expire_due = false;
                 match store.expire_commands(now).await {
@@ -227,10 +256,10 @@ impl Hub {
             match store.active_commands(now).await {
                 Ok(active) => {
                     self.commands.send_if_modified(|held| {
-                        if **held == active {
+                        if held.iter().map(|d| &d.command).eq(active.iter()) {
                             return false;
                         }
-                        *held = Arc::new(active);
+                        *held = Arc::new(active.into_iter().map(Dispatched::new).collect());
                         true
                     });
                 }
@@ -241,7 +270,7 @@ impl Hub {
                 .commands
                 .borrow()
                 .iter()
-                .map(|c| c.deadline_ms)
+                .map(|c| c.command.deadline_ms)
                 .min()
                 .map(|d| Duration::from_millis(u64::try_from(d.saturating_sub(now)).unwrap_or(0)))
                 .map_or(REFRESH, |d| d.min(REFRESH));

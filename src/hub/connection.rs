@@ -15,12 +15,12 @@ use axum::response::Response;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
-use super::commands::{self, Candidate, CommandTarget, Outcome};
+use super::commands::{self, Candidate, Outcome};
 use super::Frame;
 use crate::app::{bearer, AppError, AppState, Peer};
 use crate::auth::InstanceGrant;
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
-use crate::store::{AckRejection, ActiveCommand, CommandAckOutcome};
+use crate::store::{AckRejection, CommandAckOutcome};
 use crate::telemetry::{Closed, Delivery, StoreCall, SubscribeMode};
 
 /// `GET /ws`. When instance credentials are configured, the upgrade needs one, as
@@ -104,7 +104,7 @@ struct Connection {
     /// The client asked for `heartbeat` messages in its `hello`.
     heartbeat_wanted: bool,
     /// The replica's active commands, from the accepted `hello` on.
-    commands: Option<tokio::sync::watch::Receiver<Arc<Vec<ActiveCommand>>>>,
+    commands: Option<tokio::sync::watch::Receiver<Arc<Vec<commands::Dispatched>>>>,
     /// Commands sent (or found acked) on this connection: each at most once per connection.
     commands_seen: HashSet<String>,
 }
@@ -798,7 +798,7 @@ impl Connection {
         let active = rx.borrow_and_update().clone();
         let instance = id.instance.clone();
         let subscriptions: Vec<String> = self.filters.iter().map(|(p, _)| p.clone()).collect();
-        let due: Vec<&ActiveCommand> = {
+        let due: Vec<&commands::Dispatched> = {
             let candidate = Candidate {
                 instance: &instance,
                 app: id.app.as_deref(),
@@ -807,14 +807,12 @@ impl Connection {
             };
             active
                 .iter()
-                .filter(|c| !self.commands_seen.contains(&c.id))
-                .filter(|c| {
-                    serde_json::from_value::<CommandTarget>(c.target.clone())
-                        .is_ok_and(|t| t.matches(&candidate))
-                })
+                .filter(|d| !self.commands_seen.contains(&d.command.id))
+                .filter(|d| d.target.as_ref().is_some_and(|t| t.matches(&candidate)))
                 .collect()
         };
-        for c in due {
+        for d in due {
+            let c = &d.command;
             let now = crate::store::now_ms();
             if c.deadline_ms <= now {
                 continue;
@@ -827,7 +825,7 @@ impl Connection {
             {
                 Ok(true) => {
                     self.commands_seen.insert(c.id.clone());
-                    if let Err(end) = self.send(&commands::frame(c)).await {
+                    if let Err(end) = self.write(Message::Text(d.frame.clone())).await {
                         return Some(end);
                     }
                     tracing::info!(%instance, command = %c.id, name = %c.name, "command delivered");
@@ -917,7 +915,7 @@ impl Connection {
 
 /// Waits for the active commands to change; pending forever before the `hello`.
 async fn next_commands(
-    rx: &mut Option<tokio::sync::watch::Receiver<Arc<Vec<ActiveCommand>>>>,
+    rx: &mut Option<tokio::sync::watch::Receiver<Arc<Vec<commands::Dispatched>>>>,
 ) -> Result<(), tokio::sync::watch::error::RecvError> {
     match rx {
         Some(rx) => rx.changed().await,

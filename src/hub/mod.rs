@@ -46,7 +46,7 @@ pub struct Hub {
     /// The live rollout board of the dashboards, stirred by what happens here.
     pub rollouts: Arc<rollouts::Rollouts>,
     /// The commands whose deadline is ahead (see [`commands`]).
-    commands: tokio::sync::watch::Sender<Arc<Vec<crate::store::ActiveCommand>>>,
+    commands: tokio::sync::watch::Sender<Arc<Vec<commands::Dispatched>>>,
     /// Wakes the command dispatcher.
     command_wake: Notify,
 }
