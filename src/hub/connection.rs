@@ -12,10 +12,11 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, Notify};
+use futures_util::SinkExt;
+use tokio::sync::{mpsc, Notify};
 
 use super::commands::{self, Candidate, Outcome};
+use super::subscriptions::Inbox;
 use super::Frame;
 use crate::app::{bearer, AppError, AppState, Peer};
 use crate::auth::InstanceGrant;
@@ -97,9 +98,11 @@ struct Connection {
     socket: WebSocket,
     grant: InstanceGrant,
     identity: Option<Identity>,
-    /// (pattern, deliver live events with seq above this)
-    filters: Vec<(String, u64)>,
-    live: Option<broadcast::Receiver<Arc<Frame>>>,
+    /// (pattern, deliver live events with seq above this); the patterns are the index's own.
+    filters: Vec<(Arc<str>, u64)>,
+    /// Where the feeder queues this connection's live changes, from its first `subscribe`.
+    inbox: Option<Arc<Inbox>>,
+    live: Option<mpsc::Receiver<Arc<Frame>>>,
     last_heard: Instant,
     /// The client asked for `heartbeat` messages in its `hello`.
     heartbeat_wanted: bool,
@@ -117,6 +120,7 @@ impl Connection {
             grant,
             identity: None,
             filters: Vec::new(),
+            inbox: None,
             live: None,
             last_heard: Instant::now(),
             heartbeat_wanted: false,
@@ -127,6 +131,9 @@ impl Connection {
 
     async fn run(mut self) {
         let end = self.serve().await;
+        if let Some(inbox) = &self.inbox {
+            (self.app.hub.subscriptions).leave(inbox, self.filters.iter().map(|(p, _)| &**p));
+        }
         self.app.metrics.connection_closed(match end {
             End::ClientGone => Closed::ClientGone,
             End::Stalled => Closed::Stalled,
@@ -201,19 +208,12 @@ impl Connection {
                     }
                 }
                 frame = recv_live(&mut self.live) => match frame {
-                    Ok(frame) => {
-                        if self.wants(&frame) {
-                            if let Err(end) = self.write(Message::Text(frame.text.clone())).await {
-                                return end;
-                            }
-                            self.app.metrics.delivered(Delivery::Live, 1);
+                    Some(frame) => {
+                        if let Err(end) = self.write_live(frame).await {
+                            return end;
                         }
                     }
-                    Err(RecvError::Lagged(n)) => {
-                        tracing::warn!(instance = ?self.identity.as_ref().map(|i| &i.instance), missed = n, "slow consumer cut off");
-                        return End::Close(close::SLOW_CONSUMER, "slow consumer: reconnect and resume");
-                    }
-                    Err(RecvError::Closed) => return End::Close(close::GOING_AWAY, "server shutting down"),
+                    None => return End::Close(close::GOING_AWAY, "server shutting down"),
                 },
                 changed = next_commands(&mut self.commands) => {
                     if changed.is_err() {
@@ -271,10 +271,53 @@ impl Connection {
         }
     }
 
-    fn wants(&self, frame: &Frame) -> bool {
-        self.filters.iter().any(|(pattern, above)| {
-            frame.seq > *above && protocol::topic_matches(pattern, &frame.topic)
-        })
+    /// Writes `first` and whatever else is already queued in the inbox (up to a batch), flushing
+    /// once: a burst of changes costs one socket write, not one per change. Ends the connection
+    /// (4008) when the feeder found the inbox full.
+    async fn write_live(&mut self, first: Arc<Frame>) -> Result<(), End> {
+        const BATCH: usize = 64;
+        if self.inbox.as_ref().is_some_and(|i| i.lagged()) {
+            tracing::warn!(instance = ?self.identity.as_ref().map(|i| &i.instance), "slow consumer cut off");
+            return Err(End::Close(
+                close::SLOW_CONSUMER,
+                "slow consumer: reconnect and resume",
+            ));
+        }
+        let mut batch = vec![first];
+        if let Some(rx) = &mut self.live {
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(frame) => batch.push(frame),
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut written = 0;
+        let timeout = write_timeout(&self.app);
+        let socket = &mut self.socket;
+        let filters = &self.filters;
+        let wanted = batch.iter().filter(|frame| {
+            filters.iter().any(|(pattern, above)| {
+                frame.seq > *above && protocol::topic_matches(pattern, &frame.topic)
+            })
+        });
+        let write = async {
+            for frame in wanted {
+                socket.feed(Message::Text(frame.text.clone())).await?;
+                written += 1;
+            }
+            socket.flush().await
+        };
+        let result = tokio::time::timeout(timeout, write).await;
+        self.app.metrics.delivered(Delivery::Live, written);
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::ClientGone),
+            Err(_) => {
+                tracing::warn!(instance = ?self.identity.as_ref().map(|i| &i.instance), "peer stopped reading; dropped");
+                Err(End::Stalled)
+            }
+        }
     }
 
     async fn send(&mut self, message: &ServerMessage) -> Result<(), End> {
@@ -523,7 +566,7 @@ impl Connection {
             );
             return self.error(error_code::FORBIDDEN, message).await;
         }
-        let held: HashSet<&str> = self.filters.iter().map(|(p, _)| p.as_str()).collect();
+        let held: HashSet<&str> = self.filters.iter().map(|(p, _)| &**p).collect();
         let new_patterns: HashSet<&str> = topics
             .iter()
             .map(String::as_str)
@@ -537,10 +580,19 @@ impl Connection {
             );
             return self.error(error_code::INVALID, message).await;
         }
-        // Listen before reading the store: anything committed after our read is then in the ring.
-        if self.live.is_none() {
-            self.live = Some(self.app.hub.subscribe());
-        }
+        // Listen before reading the store: anything committed after our read is then queued in
+        // the inbox (and anything before it, too, is dropped by the positions set below).
+        let new_patterns: Vec<String> = new_patterns.into_iter().map(String::from).collect();
+        let inbox = match &self.inbox {
+            Some(inbox) => inbox.clone(),
+            None => {
+                let (inbox, rx) = self.app.hub.subscriptions.inbox();
+                self.inbox = Some(inbox.clone());
+                self.live = Some(rx);
+                inbox
+            }
+        };
+        let interned = self.app.hub.subscriptions.listen(&inbox, &new_patterns);
         let matches = |topic: &str| topics.iter().any(|p| protocol::topic_matches(p, topic));
         let result = match self.app.store.epoch().await {
             Err(e) => {
@@ -557,24 +609,36 @@ impl Connection {
         };
         let upto = match result {
             Ok(upto) => upto,
-            Err(Some(end)) => return Some(end),
-            Err(None) => {
-                return self
-                    .error(
-                        error_code::INTERNAL,
-                        "could not read the log; retry the subscribe",
-                    )
-                    .await
+            Err(failed) => {
+                // Nothing of this subscribe holds: the new patterns leave the index again.
+                (self.app.hub.subscriptions).leave(&inbox, interned.iter().map(|p| &**p));
+                return match failed {
+                    Some(end) => Some(end),
+                    None => {
+                        self.error(
+                            error_code::INTERNAL,
+                            "could not read the log; retry the subscribe",
+                        )
+                        .await
+                    }
+                };
             }
         };
         for t in &topics {
             // A pattern subscribed again moves its position; it is never held twice.
-            match self.filters.iter_mut().find(|(p, _)| p == t) {
+            match self.filters.iter_mut().find(|(p, _)| **p == **t) {
                 Some(held) => held.1 = upto,
-                None => self.filters.push((t.clone(), upto)),
+                None => {
+                    let pattern = interned
+                        .iter()
+                        .find(|p| ***p == **t)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::from(t.as_str()));
+                    self.filters.push((pattern, upto));
+                }
             }
         }
-        let all: Vec<String> = self.filters.iter().map(|(p, _)| p.clone()).collect();
+        let all: Vec<String> = self.filters.iter().map(|(p, _)| p.to_string()).collect();
         if let Some(id) = &self.identity {
             if let Err(e) = self
                 .app
@@ -797,7 +861,7 @@ impl Connection {
         };
         let active = rx.borrow_and_update().clone();
         let instance = id.instance.clone();
-        let subscriptions: Vec<String> = self.filters.iter().map(|(p, _)| p.clone()).collect();
+        let subscriptions: Vec<String> = self.filters.iter().map(|(p, _)| p.to_string()).collect();
         let due: Vec<&commands::Dispatched> = {
             let candidate = Candidate {
                 instance: &instance,
@@ -923,9 +987,7 @@ async fn next_commands(
     }
 }
 
-async fn recv_live(
-    live: &mut Option<broadcast::Receiver<Arc<Frame>>>,
-) -> Result<Arc<Frame>, RecvError> {
+async fn recv_live(live: &mut Option<mpsc::Receiver<Arc<Frame>>>) -> Option<Arc<Frame>> {
     match live {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -1,21 +1,23 @@
 //! The hub: fans logged changes out to every connection, in sequence order, one shared frame each.
 //!
 //! A single feeder reads the log after the last sequence it sent (woken by a local publish, and on a
-//! timer as a safety net) and puts each event on a bounded broadcast ring. Every connection reads
-//! the ring; one that falls more than the ring's size behind is cut off as a slow consumer instead
-//! of growing memory or slowing anyone else. Reading from the log, never from the publisher's hands,
-//! keeps the order gap-free whoever published.
+//! timer as a safety net), looks each event's topic up in the [`subscriptions`] index and queues the
+//! one shared frame in the bounded inbox of each connection subscribed to it. A connection whose
+//! inbox is full is cut off as a slow consumer instead of growing memory or slowing anyone else.
+//! Reading from the log, never from the publisher's hands, keeps the order gap-free whoever
+//! published.
 
 pub mod commands;
 pub mod connection;
 pub mod rollouts;
+pub mod subscriptions;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
@@ -38,7 +40,8 @@ struct Holder {
 }
 
 pub struct Hub {
-    ring: broadcast::Sender<Arc<Frame>>,
+    /// Who receives which topic's changes on this replica.
+    pub subscriptions: subscriptions::Subscriptions,
     wake: Arc<Notify>,
     /// instance id -> the connection holding it on this replica
     live: Mutex<HashMap<String, Holder>>,
@@ -52,10 +55,10 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub whose connections each queue at most `queue` changes before they are cut off.
     pub fn new(queue: usize) -> Arc<Hub> {
-        let (ring, _) = broadcast::channel(queue.max(1));
         Arc::new(Hub {
-            ring,
+            subscriptions: subscriptions::Subscriptions::new(queue),
             wake: Arc::new(Notify::new()),
             live: Mutex::new(HashMap::new()),
             next_connection: std::sync::atomic::AtomicU64::new(1),
@@ -75,17 +78,7 @@ impl Hub {
         self.wake.clone()
     }
 
-    /// A receiver of every frame sent from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Frame>> {
-        self.ring.subscribe()
-    }
-
-    /// Number of open connections reading the ring.
-    pub fn receivers(&self) -> usize {
-        self.ring.receiver_count()
-    }
-
-    /// Runs the feeder until `shutdown`: log order in, ring out.
+    /// Runs the feeder until `shutdown`: log order in, inboxes out.
     pub async fn feed(
         self: Arc<Self>,
         store: Arc<dyn Store>,
@@ -107,8 +100,8 @@ impl Hub {
                     Ok(events) => {
                         for e in events {
                             sent = e.seq;
-                            // No receivers is fine: nobody is connected.
-                            let _ = self.ring.send(Arc::new(Frame {
+                            // No subscriber is fine: nobody listens to that topic here.
+                            self.subscriptions.deliver(&Arc::new(Frame {
                                 seq: e.seq,
                                 topic: e.topic,
                                 text: Utf8Bytes::from(e.frame),
