@@ -1,5 +1,12 @@
 //! `confcast bench`: measured figures, printed, never asserted. Each scenario runs the real server
-//! on SQLite in a temporary directory and real WebSocket clients over loopback.
+//! on SQLite in a temporary directory and real WebSocket clients over loopback: `replay` here, the
+//! fan-out, memory and storm figures in [`fanout`] (the server in a child process, a fleet of
+//! [`fleet`] instances here, the raw [`baseline`] broadcaster beside it).
+
+pub mod baseline;
+pub mod fanout;
+pub mod fleet;
+mod os;
 
 use std::time::{Duration, Instant};
 
@@ -130,130 +137,6 @@ pub async fn replay(events: u64, bytes: usize) -> Result<(), BenchError> {
         took.as_secs_f64(),
         received as f64 / took.as_secs_f64(),
         bytes_in as f64 / took.as_secs_f64() / 1e6
-    );
-    Ok(())
-}
-
-/// Connects `instances` instances, then pushes `changes` commits one at a time (each waits until
-/// every instance has it) and reports webhook-to-last-delivery latency.
-pub async fn fanout(instances: usize, changes: usize) -> Result<(), BenchError> {
-    if instances == 0 || changes == 0 {
-        return Err(BenchError::Stalled(
-            "give at least one instance and one change".into(),
-        ));
-    }
-    let dir = tempfile::tempdir()?;
-    let repo = crate::demo::ConfigRepo::init(&dir.path().join("origin.git"))?;
-    repo.commit(
-        "main",
-        &[("payments/app.toml", Some(b"v = 0\n".as_slice()))],
-        "initial",
-    )?;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nconnection_queue = 4096\n[[repos]]\nname = \"bench\"\nurl = \"{}\"\nsecret_env = \"BENCH_SECRET\"\n",
-        dir.path().join("data").display(),
-        repo.url()
-    );
-    let config = Config::parse(&toml, std::iter::empty(), dir.path(), &|_| {
-        Some("bench-secret".into())
-    })?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::serve(listener, config, async move {
-        let _ = stopped.await;
-    }));
-    let url = format!("ws://{addr}/ws");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, Instant)>();
-    let mut tasks = Vec::new();
-    for i in 0..instances {
-        let identity = Identity {
-            instance: format!("bench-{i}"),
-            ..Identity::default()
-        };
-        let mut session = Session::connect(&url, &identity).await?;
-        session.subscribe(&["payments".to_string()], None).await?;
-        let tx = tx.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Ok(m) = session.next().await {
-                if let ServerMessage::Change(c) = m {
-                    if tx.send((i, c.version, Instant::now())).is_err() {
-                        return;
-                    }
-                }
-            }
-        }));
-    }
-    let http = reqwest::Client::new();
-    let mut latencies = Vec::with_capacity(changes);
-    // The first sync may still be running: wait for version 1 everywhere via the API.
-    let ready = Instant::now();
-    loop {
-        let v: serde_json::Value = http
-            .get(format!("http://{addr}/api/v1/topics/payments"))
-            .send()
-            .await?
-            .json()
-            .await
-            .unwrap_or_default();
-        if v["version"] == 1 {
-            break;
-        }
-        if ready.elapsed() > Duration::from_secs(30) {
-            return Err(BenchError::Stalled("first sync did not finish".into()));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    for n in 1..=changes {
-        let body = format!("v = {n}\n");
-        let commit = repo.commit(
-            "main",
-            &[("payments/app.toml", Some(body.as_bytes()))],
-            "bench",
-        )?;
-        let payload =
-            serde_json::json!({"ref": "refs/heads/main", "after": commit.to_string()}).to_string();
-        let sent = Instant::now();
-        http.post(format!("http://{addr}/webhooks/bench"))
-            .header("x-github-event", "push")
-            .header(
-                "x-hub-signature-256",
-                crate::webhook::github::sign(b"bench-secret", payload.as_bytes()),
-            )
-            .body(payload)
-            .send()
-            .await?;
-        let want = n as u64 + 1;
-        let mut got = 0;
-        let mut last = sent;
-        while got < instances {
-            let Ok(Some((_, version, at))) =
-                tokio::time::timeout(Duration::from_secs(30), rx.recv()).await
-            else {
-                return Err(BenchError::Stalled(format!(
-                    "change {n}: {got}/{instances} instances"
-                )));
-            };
-            if version == want {
-                got += 1;
-                last = last.max(at);
-            }
-        }
-        latencies.push(last.duration_since(sent));
-    }
-    let _ = stop.send(());
-    let _ = server.await;
-    for t in tasks {
-        t.abort();
-    }
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
-    println!("fanout: {instances} instances, {changes} pushes (webhook -> git fetch + diff -> SQLite -> all instances)");
-    println!(
-        "  webhook to last instance: p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
-        pct(0.5).as_secs_f64() * 1e3,
-        pct(0.9).as_secs_f64() * 1e3,
-        pct(1.0).as_secs_f64() * 1e3
     );
     Ok(())
 }

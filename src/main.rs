@@ -79,13 +79,83 @@ enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         bytes: usize,
     },
-    /// Webhook-to-delivery latency with many connected instances.
+    /// Webhook-to-last-instance latency, server CPU per change, memory per connection and
+    /// connect rate for N instances, beside a raw WebSocket broadcaster (the floor) in the same
+    /// run; both servers run as child processes. --storms adds an ack storm, a burst of pushes and
+    /// a restart with every instance resuming.
     Fanout {
-        #[arg(long, default_value_t = 100)]
-        instances: usize,
-        #[arg(long, default_value_t = 20)]
-        changes: usize,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Only confcast, no raw broadcaster.
+        #[arg(long)]
+        no_baseline: bool,
     },
+    /// A bench server: confcast on SQLite in --dir with repo `bench` (dir/origin.git, topic
+    /// `payments`, webhook secret `bench-secret-not-a-secret`), or with --baseline the raw broadcaster.
+    /// Prints `ready ADDR pid PID` once it accepts connections.
+    Serve {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Size of the topic's file.
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        #[arg(long)]
+        baseline: bool,
+    },
+    /// The simulated instances of `fanout`, against a `bench serve` started elsewhere.
+    Instances {
+        /// The bench server's address (host:port, as `bench serve` printed it).
+        #[arg(long)]
+        server: std::net::SocketAddr,
+        /// The bench server's --dir (its repo is pushed to).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The bench server's pid, for its memory and CPU figures.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct FleetArgs {
+    #[arg(long, default_value_t = 1000)]
+    instances: usize,
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    /// Size of the changed file, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    bytes: usize,
+    /// WebSocket handshakes in flight at once while the fleet connects.
+    #[arg(long, default_value_t = 256)]
+    parallel: usize,
+    /// Also the ack storm, the push burst and (fanout) the restart storm.
+    #[arg(long)]
+    storms: bool,
+    /// Pushes in the burst.
+    #[arg(long, default_value_t = 100)]
+    burst: usize,
+    /// Seconds the burst is spread over.
+    #[arg(long, default_value_t = 10)]
+    burst_secs: u64,
+}
+
+impl FleetArgs {
+    fn options(self, no_baseline: bool) -> confcast::bench::fanout::Options {
+        confcast::bench::fanout::Options {
+            instances: self.instances,
+            changes: self.changes,
+            bytes: self.bytes,
+            parallel: self.parallel,
+            storms: self.storms,
+            burst: self.burst,
+            burst_secs: self.burst_secs,
+            no_baseline,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -328,8 +398,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             confcast::bench::replay(events, bytes).await?;
             Ok(())
         }
-        Command::Bench(BenchCommand::Fanout { instances, changes }) => {
-            confcast::bench::fanout(instances, changes).await?;
+        Command::Bench(BenchCommand::Fanout { fleet, no_baseline }) => {
+            confcast::bench::fanout::fanout(fleet.options(no_baseline)).await?;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Serve {
+            dir,
+            listen,
+            bytes,
+            baseline,
+        }) => {
+            confcast::bench::fanout::serve(dir, listen, bytes, baseline, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Instances {
+            server,
+            dir,
+            pid,
+            fleet,
+        }) => {
+            confcast::bench::fanout::instances(server, &dir, pid, fleet.options(true)).await?;
             Ok(())
         }
         Command::Cmd(cli) => {
