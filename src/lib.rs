@@ -58,6 +58,8 @@ pub mod telemetry;
 pub mod webhook;
 
 #[cfg(feature = "server")]
+pub use listener::listen;
+#[cfg(feature = "server")]
 pub use server::{serve, ServeError};
 
 #[cfg(feature = "server")]
@@ -121,6 +123,16 @@ mod server {
             tracing::warn!(%addr, "auth.allow_anonymous is set: whatever has no credential configured is open to anyone who reaches this port");
         }
         let auth = Authenticator::new(&config.auth, config.server.client_token.as_ref())?;
+        // Every instance holds a socket: take all the open files the system allows, and say so
+        // when that is fewer than the connections configured, instead of failing accept later.
+        let files = crate::listener::raise_open_file_limit();
+        if (files as usize) < config.limits.max_connections.saturating_add(1024) {
+            tracing::warn!(
+                open_files = files,
+                max_connections = config.limits.max_connections,
+                "the open-file limit holds fewer connections than limits.max_connections: raise it (ulimit -n, LimitNOFILE=) or lower limits.max_connections"
+            );
+        }
         let tls = config
             .server
             .tls

@@ -52,6 +52,34 @@ pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Binds `addr` with an accept backlog deep enough for a fleet reconnecting at once after a
+/// restart (tokio's `bind` asks for 1024; the kernel caps it at `net.core.somaxconn`).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As std's and tokio's bind do on Unix: a restart may bind while old sockets are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(16_384)
+}
+
+/// Raises this process's open-file limit as far as it may without privileges (the soft limit to
+/// the hard one) and returns the limit in effect.
+pub fn raise_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    let want = Rlimit {
+        current: now.maximum,
+        maximum: now.maximum,
+    };
+    match setrlimit(Resource::Nofile, want) {
+        Ok(()) => now.maximum.unwrap_or(u64::MAX),
+        Err(_) => now.current.unwrap_or(u64::MAX),
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown`, each connection a task on `tracker`.
 pub async fn accept(
     listener: TcpListener,

@@ -340,11 +340,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => {
             let config = confcast::config::Config::load(&config)?;
-            let listener = tokio::net::TcpListener::bind(config.server.listen)
-                .await
-                .with_context(|| {
-                    format!("cannot listen on {} (server.listen)", config.server.listen)
-                })?;
+            let listener = confcast::listen(config.server.listen).with_context(|| {
+                format!("cannot listen on {} (server.listen)", config.server.listen)
+            })?;
             confcast::serve(listener, config, shutdown_signal()).await?;
             Ok(())
         }

@@ -620,8 +620,8 @@ pub async fn serve(
     baseline: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), BenchError> {
-    let files = os::raise_fd_limit_to_hard();
-    let listener = listen_with_backlog(listen)?;
+    let files = crate::listener::raise_open_file_limit();
+    let listener = crate::listen(listen)?;
     let addr = listener.local_addr()?;
     if baseline {
         println!("ready {addr} pid {} files {files}", std::process::id());
@@ -659,16 +659,4 @@ pub async fn serve(
         .await
         .map_err(|e| BenchError::Stalled(format!("server: {e}")))?;
     Ok(())
-}
-
-/// A listener whose accept backlog holds a reconnect storm (tokio's `bind` asks for 1024; the
-/// kernel caps it at `net.core.somaxconn`).
-fn listen_with_backlog(addr: SocketAddr) -> Result<tokio::net::TcpListener, BenchError> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    Ok(socket.listen(16_384)?)
 }

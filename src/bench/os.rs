@@ -28,21 +28,6 @@ pub fn raise_fd_limit(needed: u64) -> Result<u64, BenchError> {
     }
 }
 
-/// Raises this process's open-file limit as far as allowed without privileges: the soft limit to
-/// the hard one. Returns the limit in effect.
-pub fn raise_fd_limit_to_hard() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let now = getrlimit(Resource::Nofile);
-    let want = Rlimit {
-        current: now.maximum,
-        maximum: now.maximum,
-    };
-    match setrlimit(Resource::Nofile, want) {
-        Ok(()) => now.maximum.unwrap_or(u64::MAX),
-        Err(_) => now.current.unwrap_or(u64::MAX),
-    }
-}
-
 /// Resident memory of `pid` in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -283,28 +283,26 @@ impl Connection {
                 "slow consumer: reconnect and resume",
             ));
         }
-        let mut batch = vec![first];
-        if let Some(rx) = &mut self.live {
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(frame) => batch.push(frame),
-                    Err(_) => break,
-                }
-            }
-        }
         let mut written = 0;
         let timeout = write_timeout(&self.app);
-        let socket = &mut self.socket;
-        let filters = &self.filters;
-        let wanted = batch.iter().filter(|frame| {
+        let (socket, filters, live) = (&mut self.socket, &self.filters, &mut self.live);
+        let wanted = |frame: &Frame| {
             filters.iter().any(|(pattern, above)| {
                 frame.seq > *above && protocol::topic_matches(pattern, &frame.topic)
             })
-        });
+        };
         let write = async {
-            for frame in wanted {
-                socket.feed(Message::Text(frame.text.clone())).await?;
-                written += 1;
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(frame) = next.take() {
+                if wanted(&frame) {
+                    socket.feed(Message::Text(frame.text.clone())).await?;
+                    written += 1;
+                }
+                taken += 1;
+                if taken < BATCH {
+                    next = live.as_mut().and_then(|rx| rx.try_recv().ok());
+                }
             }
             socket.flush().await
         };
@@ -326,7 +324,7 @@ impl Connection {
     }
 
     /// Writes one frame; a peer that does not take it within the write timeout is dropped, so a
-    /// stalled reader can never hold a connection task (or its place in the ring) forever.
+    /// stalled reader can never hold a connection task forever.
     async fn write(&mut self, message: Message) -> Result<(), End> {
         match tokio::time::timeout(write_timeout(&self.app), self.socket.send(message)).await {
             Ok(Ok(())) => Ok(()),
