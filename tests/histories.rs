@@ -82,6 +82,63 @@ async fn a_force_push_diffs_from_the_last_published_commit() {
     assert_eq!(paths, ["payments/app.toml", "payments/limits.json"]);
 }
 
+/// Packs in the server's mirror of `cfg`: one more per fetch until they are consolidated.
+fn mirror_packs(server: &TestServer) -> usize {
+    let dir = confcast::sync::git::mirror_path(&server.data_dir, "cfg").join("objects/pack");
+    std::fs::read_dir(dir)
+        .expect("mirror pack dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_keeps_few_packs_over_many_pushes_and_still_diffs_a_force_push() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    let base = server.wait_syncs(1).await["head"]
+        .as_str()
+        .expect("head")
+        .to_string();
+    let (mut i, _) = Instance::subscribed(&server, "p", &["payments"]).await;
+    let pushes = confcast::sync::git::PACK_LIMIT + 10;
+    let mut most = 0;
+    for n in 1..=pushes {
+        let body = format!("port = {n}\n");
+        repo.commit("main", &[("payments/app.toml", Some(body.as_bytes()))], "n")
+            .expect("commit");
+        sync(&server).await;
+        assert_eq!(i.next_change().await.version, n as u64 + 1);
+        most = most.max(mirror_packs(&server));
+    }
+    assert!(
+        most <= confcast::sync::git::PACK_LIMIT + 1,
+        "the mirror grew to {most} packs"
+    );
+    assert!(
+        mirror_packs(&server) < pushes / 2,
+        "packs were consolidated"
+    );
+    // History rewritten to the first commit plus one: the diff still starts from the last
+    // published commit, which only the consolidated packs hold now.
+    repo.reset("main", git2::Oid::from_str(&base).expect("oid"))
+        .expect("reset");
+    repo.commit(
+        "main",
+        &[("payments/app.toml", Some(b"port = 0\n".as_slice()))],
+        "C",
+    )
+    .expect("C");
+    sync(&server).await;
+    let change = i.next_change().await;
+    assert_eq!(change.version, pushes as u64 + 2);
+    assert_eq!(change.files.len(), 1);
+    assert_eq!(change.files[0].content.as_deref(), Some("port = 0\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_then_recreated_branch_keeps_topics_and_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -645,8 +645,9 @@ pub async fn serve(
         repo.commit("main", &[(TOPIC_FILE, Some(content.as_bytes()))], "initial")?;
     }
     let toml = format!(
-        "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n[limits]\nmax_connections = 200000\n[[repos]]\nname = \"bench\"\nurl = \"{}\"\nsecret_env = \"BENCH_SECRET\"\n",
+        "[server]\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n[limits]\nmax_connections = {}\n[[repos]]\nname = \"bench\"\nurl = \"{}\"\nsecret_env = \"BENCH_SECRET\"\n",
         dir.join("data").display(),
+        files.saturating_sub(1024),
         repo.url()
     );
     let config = Config::parse(&toml, std::iter::empty(), &dir, &|_| Some(SECRET.into()))?;

@@ -129,6 +129,14 @@ pub fn sync(
     compare: &BTreeMap<String, Compare>,
 ) -> Result<Option<Synced>, GitError> {
     let path = mirror_path(data_dir, &repo.name);
+    match consolidate_packs(&path) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(repo = %repo.name, packs = n, "mirror packs consolidated into one"),
+        // Only slower lookups: the packs are all still there.
+        Err(e) => {
+            tracing::warn!(repo = %repo.name, error = %e, "could not consolidate the mirror's packs")
+        }
+    }
     let mirror = open_mirror(&path, repo)?;
     let head = fetch(&mirror, repo)?;
     if last == Some(head.to_string().as_str()) && !compare.values().any(|c| c.due) {
@@ -681,6 +689,61 @@ fn open_mirror(path: &Path, repo: &RepoConfig) -> Result<Repository, GitError> {
         Repository::init_bare(path).map_err(err)?
     };
     Ok(mirror)
+}
+
+/// Packs in a mirror past which a sync first consolidates them into one (git's default
+/// `gc.autoPackLimit`).
+pub const PACK_LIMIT: usize = 50;
+
+/// Every fetch writes one more pack into the mirror and libgit2 never repacks, so without this
+/// each object lookup searches one more pack index per push ever fetched (after a few hundred
+/// pushes that was most of a sync's time). Past [`PACK_LIMIT`] packs, every object in the mirror
+/// (reachable or not: after a force push a diff starts from a commit no ref reaches any more) is
+/// written into one new pack and the old packs are removed. Returns how many packs were replaced.
+/// Runs under the repo's sync lock, before the mirror is opened for the fetch.
+pub fn consolidate_packs(mirror: &Path) -> Result<usize, git2::Error> {
+    let dir = mirror.join("objects").join("pack");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let packs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect();
+    if packs.len() <= PACK_LIMIT {
+        return Ok(0);
+    }
+    let name = {
+        let repo = Repository::open_bare(mirror)?;
+        let odb = repo.odb()?;
+        let mut ids = Vec::new();
+        odb.foreach(|id| {
+            ids.push(*id);
+            true
+        })?;
+        let mut builder = repo.packbuilder()?;
+        for id in ids {
+            builder.insert_object(id, None)?;
+        }
+        builder.write(&dir, 0)?;
+        builder
+            .name()
+            .map(|n| format!("pack-{n}"))
+            .ok_or_else(|| git2::Error::from_str("the new pack has no name"))?
+    };
+    let mut removed = 0;
+    for pack in packs {
+        if pack.file_stem().is_some_and(|s| *s == *name) {
+            continue;
+        }
+        // The index first: a pack without one is ignored, an index without its pack is an error.
+        std::fs::remove_file(pack.with_extension("idx"))
+            .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+        let _ = std::fs::remove_file(pack.with_extension("rev"));
+        std::fs::remove_file(&pack).map_err(|e| git2::Error::from_str(&e.to_string()))?;
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 /// Fetches the configured branch; returns its new head.
