@@ -678,7 +678,7 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
 
 /// One topic change as every store logs it: the wire change, the frame sent to subscribers and
 /// the `files` column its history is read back from.
-pub(crate) struct LogEntry {
+pub struct LogEntry {
     pub change: Change,
     pub frame: String,
     pub files: String,
@@ -686,7 +686,8 @@ pub(crate) struct LogEntry {
 
 /// Builds the log entry of `topic` at `seq`. Shared by the stores so a change is encoded the same
 /// way whichever database holds it: clients and the history API must not see which one it is.
-pub(crate) fn log_entry(
+/// This is where a change is encoded, once; public for `benches/hot_paths.rs`.
+pub fn log_entry(
     outcome: &SyncOutcome,
     topic: &TopicChange,
     seq: u64,

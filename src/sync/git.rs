@@ -142,6 +142,21 @@ pub fn sync(
     if last == Some(head.to_string().as_str()) && !compare.values().any(|c| c.due) {
         return Ok(None);
     }
+    changes(&mirror, repo, limits, last, head, withheld, compare).map(Some)
+}
+
+/// What changed in `mirror` from `last` (the last published commit; nothing when `None`) to
+/// `head`: the diff grouped by topic, with each published file's content read and the topics that
+/// must be held back. [`sync`] calls it after its fetch; it is public for `benches/hot_paths.rs`.
+pub fn changes(
+    mirror: &Repository,
+    repo: &RepoConfig,
+    limits: &LimitsConfig,
+    last: Option<&str>,
+    head: Oid,
+    withheld: &BTreeMap<String, String>,
+    compare: &BTreeMap<String, Compare>,
+) -> Result<Synced, GitError> {
     let read = |what: &'static str| read_error(repo, what);
     let new_commit = mirror.find_commit(head).map_err(read("new head commit"))?;
     let new_tree = new_commit.tree().map_err(read("new head tree"))?;
@@ -161,7 +176,7 @@ pub fn sync(
         known: HashMap::new(),
     };
     let mut topics = diff_topics(
-        &mirror,
+        mirror,
         repo,
         limits,
         &mut sizes,
@@ -178,7 +193,7 @@ pub fn sync(
     for (base, names) in bases {
         let base = (!base.is_empty()).then_some(base);
         let mut from_base = diff_topics(
-            &mirror,
+            mirror,
             repo,
             limits,
             &mut sizes,
@@ -197,13 +212,13 @@ pub fn sync(
         .collect();
     if !compared.is_empty() {
         let mut full = compare_topics(
-            &mirror, repo, limits, &mut sizes, &new_tree, &compared, compare,
+            mirror, repo, limits, &mut sizes, &new_tree, &compared, compare,
         )?;
         for topic in &compared {
             topics.insert(topic.clone(), full.remove(topic).unwrap_or_default());
         }
     }
-    hold_over_totals(&mirror, repo, limits, &mut sizes, &new_tree, &mut topics)?;
+    hold_over_totals(mirror, repo, limits, &mut sizes, &new_tree, &mut topics)?;
     let mut held = BTreeMap::new();
     let mut changes = Vec::with_capacity(topics.len());
     for (topic, diff) in topics {
@@ -233,7 +248,7 @@ pub fn sync(
         (Some(n), None) => n.to_string(),
         _ => String::new(),
     };
-    Ok(Some(Synced {
+    Ok(Synced {
         outcome: SyncOutcome {
             repo: repo.name.clone(),
             commit: head.to_string(),
@@ -249,7 +264,7 @@ pub fn sync(
         },
         held,
         compared,
-    }))
+    })
 }
 
 /// Each topic of `wanted` as the change from its stored files (`compare`) to its files in
