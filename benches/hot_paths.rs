@@ -14,17 +14,23 @@
 //! - `topic_rules/*`: `TopicRules::topic_of` (path to topic) with the default rule and with 10,000
 //!   rules, first and last rule matching, and none; compiling the 10,000 rules.
 //! - `topic_matching/*`: `protocol::topic_matches` against 10,000 subscription patterns, one by
-//!   one. The hub's subscription index gets its own bench next to it (left for the fan-out work).
+//!   one, and the hub's subscription index holding the same patterns (`Subscriptions::deliver`).
+//! - `fan_out/deliver/N`: one change queued for N subscribers of its topic by the index (the
+//!   receivers are drained in the loop, so the figure includes taking it out again).
 //!
 //! Run with `cargo bench --bench hot_paths` (add a filter such as `-- diff/` for one group); the
 //! figures measured are in docs/BENCHMARKS.md. Nothing here asserts a time.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use base64::Engine as _;
+use confcast::hub::subscriptions::Subscriptions;
+use confcast::hub::Frame;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -467,8 +473,64 @@ fn topic_matching(c: &mut Criterion) {
     group.bench_function("linear_10k_patterns", |b| {
         b.iter(|| matching(black_box(&topic)))
     });
-    // The hub's subscription index (src/hub/) is benched here too, against the same patterns:
-    // added by the fan-out work.
+    // The hub's subscription index: the same 10,000 patterns, each held by one connection's
+    // inbox; `deliver` looks the topic up and queues the frame for the one subscriber.
+    let index = Subscriptions::new(1024);
+    let mut receivers = Vec::with_capacity(PATTERNS);
+    for p in &patterns {
+        let (inbox, rx) = index.inbox();
+        index.listen(&inbox, std::slice::from_ref(p));
+        receivers.push(rx);
+    }
+    let subscriber = receivers.len() - 1;
+    let mut seq = 0u64;
+    group.bench_function("index_10k_patterns", |b| {
+        b.iter(|| {
+            seq += 1;
+            let frame = Arc::new(Frame {
+                seq,
+                topic: topic.clone(),
+                text: Utf8Bytes::from_static("{}"),
+            });
+            let done = index.deliver(black_box(&frame));
+            // Keep the subscriber's inbox from filling.
+            let _ = receivers[subscriber].try_recv();
+            done
+        })
+    });
+    group.finish();
+}
+
+/// Fan-out of one change through the subscription index to many subscribers of its topic: the
+/// feeder's whole per-change cost on the hub side (the sockets' writes are the connections').
+fn fan_out(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fan_out");
+    for subscribers in [1_000usize, 10_000] {
+        let index = Subscriptions::new(1024);
+        let mut receivers = Vec::with_capacity(subscribers);
+        for _ in 0..subscribers {
+            let (inbox, rx) = index.inbox();
+            index.listen(&inbox, &["payments".to_string()]);
+            receivers.push(rx);
+        }
+        let mut seq = 0u64;
+        group.throughput(Throughput::Elements(subscribers as u64));
+        group.bench_function(BenchmarkId::new("deliver", subscribers), |b| {
+            b.iter(|| {
+                seq += 1;
+                let frame = Arc::new(Frame {
+                    seq,
+                    topic: "payments".into(),
+                    text: Utf8Bytes::from_static("{}"),
+                });
+                let done = index.deliver(&frame);
+                for rx in &mut receivers {
+                    let _ = rx.try_recv();
+                }
+                done
+            })
+        });
+    }
     group.finish();
 }
 
@@ -478,6 +540,7 @@ criterion_group!(
     diff,
     frame_encoding,
     topic_rules,
-    topic_matching
+    topic_matching,
+    fan_out
 );
 criterion_main!(benches);
