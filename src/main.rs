@@ -44,7 +44,7 @@ enum Command {
     /// Send commands to instances (refresh-cache, ...) and see what each made of them.
     #[command(name = "command", subcommand)]
     Cmd(confcast::cli::commands::CommandCli),
-    /// Measure: replay speed, fan-out latency. Prints figures.
+    /// Measure: replay speed, fan-out latency, agent apply time. Prints figures.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// The embedded-default tour: a local repo, the server on SQLite, three instances, a signed push.
@@ -85,6 +85,11 @@ enum BenchCommand {
         instances: usize,
         #[arg(long, default_value_t = 20)]
         changes: usize,
+    },
+    /// Time for the agent to receive and apply one topic of many files.
+    Agent {
+        #[arg(long, default_value_t = 100_000)]
+        files: usize,
     },
 }
 
@@ -330,6 +335,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Fanout { instances, changes }) => {
             confcast::bench::fanout(instances, changes).await?;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Agent { files }) => {
+            confcast::bench::agent(files).await?;
             Ok(())
         }
         Command::Cmd(cli) => {
