@@ -463,11 +463,19 @@ pub async fn run(
                         }
                     }
                 }
-                let (status, error) = match result {
+                let (status, error) = match &result {
                     Ok(_) => (AckStatus::Applied, None),
                     Err(e) => (AckStatus::Failed, Some(e.to_string())),
                 };
                 client.ack(&update.topic, update.version, status, error)?;
+                if result.is_ok() {
+                    // Older generations go after the ack, not before it: removing one of many
+                    // files takes seconds, and the version is already in place.
+                    let dir = opts.dir.clone();
+                    if let Err(e) = tokio::task::spawn_blocking(move || prune(&dir)).await {
+                        tracing::warn!(error = %e, "pruning old generations failed");
+                    }
+                }
             }
         }
     }
@@ -554,7 +562,6 @@ async fn apply(
         .await
         .map_err(|e| ApplyError::Io(e.to_string()))??;
     let Some(command) = &opts.exec else {
-        prune(&opts.dir);
         return Ok(written);
     };
     let env = [
@@ -564,10 +571,7 @@ async fn apply(
         ("CONFCAST_DIR", opts.dir.display().to_string()),
     ];
     match reload(command, opts.exec_timeout, &env).await {
-        Ok(()) => {
-            prune(&opts.dir);
-            Ok(written)
-        }
+        Ok(()) => Ok(written),
         Err(e) => {
             if opts.rollback_on_failure {
                 if let Some(prev) = written.previous {
