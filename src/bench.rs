@@ -315,6 +315,7 @@ pub async fn agent(files: usize) -> Result<(), BenchError> {
     let config = Config::parse(&toml, std::iter::empty(), dir.path(), &|_| {
         Some(AGENT_SECRET.into())
     })?;
+    let server_max_frame = config.limits.max_frame_bytes();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -348,6 +349,11 @@ pub async fn agent(files: usize) -> Result<(), BenchError> {
     let mut client =
         crate::client::ClientOptions::new(format!("ws://{addr}/ws"), "bench-agent", &["bench"]);
     client.backoff_max = Duration::from_secs(1);
+    // With max_topic_files raised, the server's largest frame can pass the client's default
+    // (CONFIGURATION.md section 12): the agent must accept it.
+    client.max_frame_bytes = client
+        .max_frame_bytes
+        .max(usize::try_from(server_max_frame).unwrap_or(usize::MAX));
     let opts = crate::agent::AgentOptions {
         client,
         dir: target.clone(),
@@ -438,7 +444,7 @@ pub async fn agent(files: usize) -> Result<(), BenchError> {
     let secs = |d: Duration| d.as_secs_f64();
     println!("agent: one topic of {files} files ({checked} bytes of content), real server on SQLite, real agent, loopback");
     println!(
-        "  setup: repo committed in {:.2} s; server synced and published it in {:.2} s (limits.max_topic_files = {max_topic_files})",
+        "  setup: repo committed in {:.2} s; server synced and published it in {:.2} s (limits.max_topic_files = {max_topic_files}, max_frame_bytes = {server_max_frame}, the agent's at least that)",
         secs(built),
         secs(published)
     );
@@ -460,7 +466,7 @@ pub async fn agent(files: usize) -> Result<(), BenchError> {
         secs(acked)
     );
     println!(
-        "  one-file change: webhook -> files in place {:.2} s, -> ack recorded {:.2} s (sync, new generation in full, prune of the old one)",
+        "  one-file change: webhook -> files in place {:.2} s, -> ack recorded {:.2} s (server sync and delivery, the new generation written in full)",
         secs(second.duration_since(pushed)),
         secs(acked2)
     );

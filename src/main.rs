@@ -132,6 +132,10 @@ struct AgentArgs {
     /// A command the server may send, as NAME=SHELL (run with `sh -c`); repeatable.
     #[arg(long = "command")]
     commands: Vec<String>,
+    /// Largest server message accepted, in bytes (default 64 MiB); at least the server's
+    /// `max_frame_bytes` when its `[limits]` are raised.
+    #[arg(long)]
+    max_frame_bytes: Option<usize>,
 }
 
 /// The agent's TOML file.
@@ -156,6 +160,7 @@ struct AgentFile {
     /// `[commands]`: command name = shell command.
     #[serde(default)]
     commands: std::collections::BTreeMap<String, String>,
+    max_frame_bytes: Option<usize>,
 }
 
 fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOptions> {
@@ -214,6 +219,9 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
     client.identity.labels = labels;
     client.token = token;
     client.state_dir = args.state_dir.or(file.state_dir);
+    if let Some(max) = args.max_frame_bytes.or(file.max_frame_bytes) {
+        client.max_frame_bytes = max;
+    }
     let mut commands = file.commands;
     for c in &args.commands {
         let (name, shell) = c

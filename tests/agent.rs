@@ -444,3 +444,40 @@ async fn agent_applies_a_topic_of_thousands_of_files_completely() {
     expected.insert(added, added_content);
     assert_eq!(files_under(&target), expected, "every file of v2, exactly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_warns_when_the_server_may_send_frames_above_its_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let small = dir.path().join("small");
+    let default = dir.path().join("default");
+    let _small = start_agent(
+        &server,
+        "agent-small",
+        &small,
+        "true",
+        &["--max-frame-bytes", "2000"],
+    );
+    let _default = start_agent(&server, "agent-default", &default, "true", &[]);
+    // This topic's frames are small: both apply it.
+    server
+        .wait_topic("payments", |v| {
+            v["rollout"]["converged"] == true
+                && v["rollout"]["applied"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 2)
+        })
+        .await;
+    let log = |d: &Path| std::fs::read_to_string(d.with_extension("log")).expect("agent log");
+    let warned = log(&small);
+    assert!(
+        warned.contains("server_max_frame_bytes=65955160")
+            && warned.contains("client_max_frame_bytes=2000")
+            && warned.contains("--max-frame-bytes"),
+        "{warned}"
+    );
+    let quiet = log(&default);
+    assert!(!quiet.contains("max_frame_bytes"), "{quiet}");
+}
