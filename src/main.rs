@@ -44,7 +44,7 @@ enum Command {
     /// Send commands to instances (refresh-cache, ...) and see what each made of them.
     #[command(name = "command", subcommand)]
     Cmd(confcast::cli::commands::CommandCli),
-    /// Measure: replay speed, fan-out latency. Prints figures.
+    /// Measure: replay speed, fan-out latency, agent apply time. Prints figures.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// The embedded-default tour: a local repo, the server on SQLite, three instances, a signed push.
@@ -89,6 +89,11 @@ enum BenchCommand {
         /// Only confcast, no raw broadcaster.
         #[arg(long)]
         no_baseline: bool,
+    },
+    /// Time for the agent to receive and apply one topic of many files.
+    Agent {
+        #[arg(long, default_value_t = 100_000)]
+        files: usize,
     },
     /// A bench server: confcast on SQLite in --dir with repo `bench` (dir/origin.git, topic
     /// `payments`, webhook secret `bench-secret-not-a-secret`), or with --baseline the raw broadcaster.
@@ -197,6 +202,10 @@ struct AgentArgs {
     /// A command the server may send, as NAME=SHELL (run with `sh -c`); repeatable.
     #[arg(long = "command")]
     commands: Vec<String>,
+    /// Largest server message accepted, in bytes (default 64 MiB); at least the server's
+    /// `max_frame_bytes` when its `[limits]` are raised.
+    #[arg(long)]
+    max_frame_bytes: Option<usize>,
 }
 
 /// The agent's TOML file.
@@ -221,6 +230,7 @@ struct AgentFile {
     /// `[commands]`: command name = shell command.
     #[serde(default)]
     commands: std::collections::BTreeMap<String, String>,
+    max_frame_bytes: Option<usize>,
 }
 
 fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOptions> {
@@ -279,6 +289,9 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
     client.identity.labels = labels;
     client.token = token;
     client.state_dir = args.state_dir.or(file.state_dir);
+    if let Some(max) = args.max_frame_bytes.or(file.max_frame_bytes) {
+        client.max_frame_bytes = max;
+    }
     let mut commands = file.commands;
     for c in &args.commands {
         let (name, shell) = c
@@ -416,6 +429,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             fleet,
         }) => {
             confcast::bench::fanout::instances(server, &dir, pid, fleet.options(true)).await?;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Agent { files }) => {
+            confcast::bench::agent(files).await?;
             Ok(())
         }
         Command::Cmd(cli) => {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use util::{config_repo, TestServer, SECRET, WAIT};
+use util::{config_repo, ConfigRepo, TestServer, SECRET, WAIT};
 
 struct Agent(Child);
 
@@ -362,4 +362,122 @@ async fn agent_refuses_git_metadata_and_backslashes_whatever_the_server_sends() 
         assert!(written.is_empty(), "{bad:?}: wrote {written:?}");
         assert!(!dir.path().join("reloaded").exists());
     }
+}
+
+/// Path and content of file `n` of a large topic: nested directories, small TOML documents.
+fn many(n: usize, version: &str) -> (String, String) {
+    (
+        format!("payments/d{}/s{}/f{n:04}.toml", n % 10, n % 3),
+        format!("id = {n}\nversion = \"{version}\"\n"),
+    )
+}
+
+/// Every regular file under `dir` (following the agent's top-level symlink), relative to `dir`.
+fn files_under(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.join("payments")];
+    while let Some(d) = pending.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).expect("under dir");
+                let content = std::fs::read_to_string(&path).expect("read file");
+                found.insert(rel.to_string_lossy().into_owned(), content);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_applies_a_topic_of_thousands_of_files_completely() {
+    const FILES: usize = 3_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = ConfigRepo::init(&dir.path().join("origin.git")).expect("repo");
+    let v1: Vec<(String, String)> = (0..FILES).map(|n| many(n, "v1")).collect();
+    let changes: Vec<(&str, Option<&[u8]>)> = v1
+        .iter()
+        .map(|(p, c)| (p.as_str(), Some(c.as_bytes())))
+        .collect();
+    repo.commit("main", &changes, "many files").expect("commit");
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let target = dir.path().join("etc-app");
+    let _agent = start_agent(&server, "agent-many", &target, "true", &[]);
+    server
+        .wait_topic("payments", |v| {
+            v["version"] == 1 && v["rollout"]["converged"] == true
+        })
+        .await;
+    let expected: std::collections::BTreeMap<String, String> = v1.into_iter().collect();
+    assert_eq!(files_under(&target), expected, "every file, exactly");
+
+    // The next version, written in full as a new generation: one file changed, one deleted, one added.
+    let (changed, _) = many(7, "");
+    let (deleted, _) = many(8, "");
+    let (added, added_content) = many(FILES, "v2");
+    let c = repo
+        .commit(
+            "main",
+            &[
+                (
+                    changed.as_str(),
+                    Some(b"id = 7\nversion = \"v2\"\n".as_slice()),
+                ),
+                (deleted.as_str(), None),
+                (added.as_str(), Some(added_content.as_bytes())),
+            ],
+            "v2",
+        )
+        .expect("commit");
+    server.github_push("main", &c.to_string(), SECRET).await;
+    server
+        .wait_topic("payments", |v| {
+            v["version"] == 2 && v["rollout"]["converged"] == true
+        })
+        .await;
+    let mut expected = expected;
+    expected.insert(changed, "id = 7\nversion = \"v2\"\n".into());
+    expected.remove(&deleted);
+    expected.insert(added, added_content);
+    assert_eq!(files_under(&target), expected, "every file of v2, exactly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_warns_when_the_server_may_send_frames_above_its_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let small = dir.path().join("small");
+    let default = dir.path().join("default");
+    let _small = start_agent(
+        &server,
+        "agent-small",
+        &small,
+        "true",
+        &["--max-frame-bytes", "2000"],
+    );
+    let _default = start_agent(&server, "agent-default", &default, "true", &[]);
+    // This topic's frames are small: both apply it.
+    server
+        .wait_topic("payments", |v| {
+            v["rollout"]["converged"] == true
+                && v["rollout"]["applied"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 2)
+        })
+        .await;
+    let log = |d: &Path| std::fs::read_to_string(d.with_extension("log")).expect("agent log");
+    let warned = log(&small);
+    assert!(
+        warned.contains("server_max_frame_bytes=65955160")
+            && warned.contains("client_max_frame_bytes=2000")
+            && warned.contains("--max-frame-bytes"),
+        "{warned}"
+    );
+    let quiet = log(&default);
+    assert!(!quiet.contains("max_frame_bytes"), "{quiet}");
 }

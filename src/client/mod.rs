@@ -136,8 +136,20 @@ impl Session {
             ServerMessage::Welcome {
                 heartbeat_secs,
                 epoch,
+                max_frame_bytes: server_max,
                 ..
             } => {
+                // Not raised to the server's figure by itself: the cap is the application's
+                // bound on what one message may make it hold.
+                if server_max > u64::try_from(max_frame_bytes).unwrap_or(u64::MAX) {
+                    tracing::warn!(
+                        server_max_frame_bytes = server_max,
+                        client_max_frame_bytes = max_frame_bytes,
+                        "the server may send frames larger than this client accepts (its [limits]); \
+                         raise the client's max_frame_bytes (agent: --max-frame-bytes) to the server's, \
+                         or its largest snapshots and changes will never arrive"
+                    );
+                }
                 session.heartbeat = Duration::from_secs(heartbeat_secs.max(1));
                 session.server_epoch = epoch;
                 Ok(session)
