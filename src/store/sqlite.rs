@@ -180,6 +180,10 @@ impl Backend for SqliteBackend {
     // In WAL mode a read transaction sees one snapshot from its first read on.
     const SNAPSHOT_BEGIN: Option<&'static str> = None;
 
+    // Takes the write lock first, so the busy timeout applies; a deferred transaction that read
+    // first would fail (SQLITE_BUSY) when another connection committed before its first write.
+    const WRITE_BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
+
     const TYPES: ColumnTypes = ColumnTypes {
         int: "INTEGER",
         bool: "INTEGER",
