@@ -20,7 +20,7 @@ use super::Frame;
 use crate::app::{bearer, AppError, AppState, Peer};
 use crate::auth::InstanceGrant;
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
-use crate::store::{AckRejection, CommandAckOutcome};
+use crate::store::{AckRejection, CommandAckOutcome, LogBounds};
 use crate::telemetry::{Closed, Delivery, StoreCall, SubscribeMode};
 
 /// `GET /ws`. When instance credentials are configured, the upgrade needs one, as
@@ -152,7 +152,7 @@ impl Connection {
             let conn = format!("{}/{}", self.app.node, id.connection);
             if let Err(e) = self
                 .app
-                .store
+                .writes
                 .instance_disconnected(&id.instance, &conn)
                 .await
             {
@@ -448,7 +448,7 @@ impl Connection {
         let conn = format!("{}/{connection}", self.app.node);
         if let Err(e) = self
             .app
-            .store
+            .writes
             .instance_connected(&instance, app.as_deref(), &labels, &conn, &self.app.node)
             .await
         {
@@ -542,17 +542,17 @@ impl Connection {
             self.live = Some(self.app.hub.subscribe());
         }
         let matches = |topic: &str| topics.iter().any(|p| protocol::topic_matches(p, topic));
-        let result = match self.app.store.epoch().await {
+        let result = match self.app.store.log_bounds().await {
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the log epoch");
                 Err(None)
             }
-            Ok(current) => match since {
+            Ok(bounds) => match since {
                 Some(since) => {
-                    self.replay(&topics, since, epoch.as_deref(), current, &matches)
+                    self.replay(&topics, since, epoch.as_deref(), bounds, &matches)
                         .await
                 }
-                None => self.snapshot(&topics, &matches, None, &current).await,
+                None => self.snapshot(&topics, &matches, None, &bounds.epoch).await,
             },
         };
         let upto = match result {
@@ -578,7 +578,7 @@ impl Connection {
         if let Some(id) = &self.identity {
             if let Err(e) = self
                 .app
-                .store
+                .writes
                 .instance_subscriptions(&id.instance, &all)
                 .await
             {
@@ -626,15 +626,20 @@ impl Connection {
     }
 
     /// Replays the log after `since` for matching topics, or falls back to a snapshot when the log
-    /// no longer reaches back that far.
+    /// no longer reaches back that far. `bounds` were read after the ring was subscribed to.
     async fn replay(
         &mut self,
         topics: &[String],
         since: u64,
         epoch: Option<&str>,
-        current: String,
+        bounds: LogBounds,
         matches: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
     ) -> Result<u64, Option<End>> {
+        let LogBounds {
+            epoch: current,
+            head,
+            oldest,
+        } = bounds;
         let store = self.app.store.clone();
         let fail = |e: crate::store::StoreError| {
             tracing::error!(error = %e, "replay read failed");
@@ -645,7 +650,6 @@ impl Connection {
             let reason = format!("log epoch changed: since {since} is from epoch {theirs}, the log is now epoch {current}");
             return self.snapshot(topics, matches, Some(reason), &current).await;
         }
-        let head = store.head_seq().await.map_err(fail)?;
         if since > head && epoch.is_none() {
             // A revision-1 client cannot learn an epoch: snapshots, as before, and no new epoch
             // (it would come back with the same position and start one on every reconnect).
@@ -666,7 +670,6 @@ impl Connection {
                 "the log starts a new epoch: reconnect",
             )));
         }
-        let oldest = store.oldest_seq().await.map_err(fail)?;
         if since < head && oldest.is_none_or(|o| o > since + 1) {
             let reason = format!(
                 "since {since} is older than the log kept (oldest seq {})",
@@ -753,7 +756,7 @@ impl Connection {
         let max = self.app.config.limits.max_ack_error_bytes;
         let error = error.map(|e| protocol::truncate_utf8(&e, max).to_string());
         let record =
-            (self.app.store).record_ack(&instance, &topic, version, status, error.as_deref());
+            (self.app.writes).record_ack(&instance, &topic, version, status, error.as_deref());
         match self
             .app
             .metrics

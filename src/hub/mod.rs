@@ -9,6 +9,7 @@
 pub mod commands;
 pub mod connection;
 pub mod rollouts;
+pub mod writes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
