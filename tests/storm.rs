@@ -301,6 +301,21 @@ fn start_fleet(
         .collect()
 }
 
+/// CPU time (user and system) process `pid` used so far, from `/proc/<pid>/stat`.
+fn cpu(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
 }
@@ -321,10 +336,13 @@ async fn ack_storm() {
         secs(connecting.elapsed())
     );
 
+    let pid = server.pid().to_string();
+    let (server_cpu, own_cpu) = (cpu(&pid), cpu("self"));
     for order in &orders {
         order.send(1).expect("instance running");
     }
     fleet.until("ack_recorded", &fleet.acks_recorded, n).await;
+    let (server_cpu, own_cpu) = (cpu(&pid) - server_cpu, cpu("self") - own_cpu);
     let first_sent = fleet.at(&fleet.first_ack_sent);
     let last_sent = fleet.at(&fleet.last_ack_sent);
     let last_recorded = fleet.at(&fleet.last_ack_recorded);
@@ -349,13 +367,15 @@ async fn ack_storm() {
         "ack storm: {n} acks sent over {}; first ack sent -> last ack_recorded received: {} \
          ({:.0} acks/s); last ack sent -> last ack_recorded received: {}; last ack sent -> \
          rollout API lists all {n} applied: {} ({polls} GET /api/v1/topics/payments, the slowest \
-         took {})",
+         took {}); CPU until the last ack_recorded: server {}, instances {}",
         secs(last_sent.duration_since(first_sent)),
         secs(last_recorded.duration_since(first_sent)),
         n as f64 / last_recorded.duration_since(first_sent).as_secs_f64(),
         secs(last_recorded.saturating_duration_since(last_sent)),
         secs(shown.saturating_duration_since(last_sent)),
         secs(slowest),
+        secs(server_cpu),
+        secs(own_cpu),
     );
     let errors = fleet.errors.lock().expect("errors").clone();
     assert!(errors.is_empty(), "{errors:?}");
@@ -390,6 +410,7 @@ async fn reconnect_storm() {
     )
     .expect("commit");
     let restarting = Instant::now();
+    let own_cpu = cpu("self");
     server.spawn().await;
     let ready = Instant::now();
     fleet.until("replayed", &fleet.replayed, n).await;
@@ -397,18 +418,22 @@ async fn reconnect_storm() {
     fleet
         .until("acks of the change", &fleet.acks_recorded, 2 * n)
         .await;
+    let (server_cpu, own_cpu) = (cpu(&server.pid().to_string()), cpu("self") - own_cpu);
     let acked = fleet.at(&fleet.last_ack_recorded);
     let last = fleet.at(&fleet.last_replayed);
     println!(
         "reconnect storm: {n} instances resumed by replay; restart began -> ready: {}; \
          ready -> last `subscribed` (replay): {}; restart began -> last: {}; restart began -> \
-         the missed change acked by all: {} ({} connects, {} refused or failed while down)",
+         the missed change acked by all: {} ({} connects, {} refused or failed while down); \
+         CPU from the restart until then: server {}, instances {}",
         secs(ready.duration_since(restarting)),
         secs(last.saturating_duration_since(ready)),
         secs(last.saturating_duration_since(restarting)),
         secs(acked.saturating_duration_since(restarting)),
         fleet.connects.load(Ordering::SeqCst),
         fleet.connect_failures.load(Ordering::SeqCst),
+        secs(server_cpu),
+        secs(own_cpu),
     );
     // Exactly the missed change, once each, and nothing resumed by snapshot.
     tokio::time::sleep(Duration::from_secs(1)).await;

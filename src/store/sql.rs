@@ -266,7 +266,12 @@ where
 const DELETE_FILE: &str = "DELETE FROM topic_files WHERE topic = $1 AND path = $2";
 
 const ACKS: &str = "SELECT instance, topic, version, status, error, acked_at FROM acks
-     WHERE CAST($1 AS TEXT) IS NULL OR instance = $1 ORDER BY instance, topic";
+     ORDER BY instance, topic";
+
+/// One instance's acks: a search of the primary key, which an `OR` of a bound value in the
+/// `WHERE` would turn into a scan of every ack (on every resuming `subscribe`).
+const ACKS_OF: &str = "SELECT instance, topic, version, status, error, acked_at FROM acks
+     WHERE instance = $1 ORDER BY topic";
 
 /// The order [`Store::write_batch`] makes writes in: by instance, then the instance's own row
 /// before its acks, then by topic. A stable sort by it keeps the order given among the writes of
@@ -1148,10 +1153,7 @@ where
     }
 
     async fn acks(&self) -> Result<Vec<AckRecord>, StoreError> {
-        let rows = sqlx::query(ACKS)
-            .bind(None::<&str>)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(ACKS).fetch_all(&self.pool).await?;
         rows.iter().map(ack_record).collect()
     }
 
@@ -1211,8 +1213,8 @@ where
     }
 
     async fn acks_of(&self, instance: &str) -> Result<Vec<AckRecord>, StoreError> {
-        let rows = sqlx::query(ACKS)
-            .bind(Some(instance))
+        let rows = sqlx::query(ACKS_OF)
+            .bind(instance)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(ack_record).collect()
