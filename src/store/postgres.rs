@@ -135,9 +135,6 @@ impl Backend for PgBackend {
     const SNAPSHOT_BEGIN: Option<&'static str> =
         Some("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
 
-    // Row locks are taken at each write; a plain (READ COMMITTED) transaction waits for them.
-    const WRITE_BEGIN: Option<&'static str> = None;
-
     const TYPES: ColumnTypes = ColumnTypes {
         int: "BIGINT",
         bool: "BOOLEAN",

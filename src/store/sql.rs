@@ -181,11 +181,6 @@ pub trait Backend: Send + Sync + 'static {
     /// database; `None` when a plain transaction already does (SQLite in WAL mode).
     const SNAPSHOT_BEGIN: Option<&'static str>;
 
-    /// The statement that opens a transaction which reads before it writes ([`Store::write_batch`]),
-    /// when a plain `BEGIN` could fail at its first write instead of waiting (SQLite: a read
-    /// transaction cannot become a write transaction once another connection committed).
-    const WRITE_BEGIN: Option<&'static str>;
-
     /// What the type tokens of [`MIGRATIONS`] stand for here.
     const TYPES: ColumnTypes;
 
@@ -878,11 +873,9 @@ where
             return Ok(Vec::new());
         }
         let now = now_ms();
-        let mut tx = match B::WRITE_BEGIN {
-            Some(begin) => self.pool.begin_with(begin).await?,
-            None => self.pool.begin().await?,
-        };
-        // The version of each acked topic, read once for the whole batch.
+        // The version of each acked topic, read once for the whole batch, before the transaction
+        // (as a single ack always did): publishers wait for the writes below, not for this read.
+        // A version published meanwhile only makes the check stricter than it needs to be.
         let mut topics: Vec<&str> = writes
             .iter()
             .filter_map(|w| match w {
@@ -902,10 +895,13 @@ where
             for name in names {
                 query = query.bind(*name);
             }
-            for row in query.fetch_all(&mut *tx).await? {
+            for row in query.fetch_all(&self.pool).await? {
                 current.insert(row.try_get("name")?, u64_at(&row, "version")?);
             }
         }
+        // Every statement below writes, the first one included: SQLite takes its write lock there
+        // (waiting for it, with the busy timeout), as for a publish.
+        let mut tx = self.pool.begin().await?;
         // Every batch writes rows in one order (`write_order`), so batches of two replicas
         // sharing rows on PostgreSQL (an instance moving between them) lock them in the same
         // order and cannot deadlock.
