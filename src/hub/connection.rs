@@ -704,11 +704,13 @@ impl Connection {
         }
         metrics.delivered(Delivery::Snapshot, sent);
         let mut upto = since;
-        loop {
+        // Every seq up to the later of the two heads read is committed (seqs commit in order):
+        // the replay reads that far, and what comes after arrives through the ring.
+        let end = head.max(snapshot_at);
+        while upto < end {
             let read = store.events_after(upto, 512);
             let events = (metrics.time_store(StoreCall::EventsAfter, read).await).map_err(fail)?;
-            let Some(first) = events.first() else { break };
-            if first.seq != upto + 1 {
+            if events.first().is_none_or(|first| first.seq != upto + 1) {
                 // Retention removed events while we were replaying.
                 let reason = format!("log trimmed during replay after seq {upto}");
                 return self.snapshot(topics, matches, Some(reason), &current).await;
