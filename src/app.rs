@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::config::Config;
+use crate::hub::writes::Writes;
 use crate::hub::Hub;
 use crate::store::{AuditEntry, Store, StoreError};
 use crate::sync::Syncers;
@@ -27,6 +28,8 @@ pub type AppState = Arc<App>;
 pub struct App {
     pub config: Config,
     pub store: Arc<dyn Store>,
+    /// The connections' instance and ack writes, batched into one transaction each by one task.
+    pub writes: Writes,
     pub hub: Arc<Hub>,
     pub syncers: Syncers,
     /// This replica's name, shown next to the instances connected to it.

@@ -80,6 +80,7 @@ mod server {
     use crate::app::App;
     use crate::auth::Authenticator;
     use crate::config::{Config, ConfigError};
+    use crate::hub::writes::Writes;
     use crate::hub::Hub;
     use crate::store::{self, StoreError};
     use crate::sync::Syncers;
@@ -212,12 +213,15 @@ mod server {
         store.reset_node(&node).await?;
         tracing::info!(%addr, %node, tls = tls.is_some(), repos = config.repos.len(), "confcast serving");
         let limits = config.limits.clone();
+        // Not tracked: it must outlive the connections, which are (see below).
+        let (writes, writer) = Writes::start(store.clone(), metrics.clone());
         let app = Arc::new(App {
             webhook_bytes: Arc::new(Semaphore::new(
                 limits.webhook_bytes_in_flight.min(Semaphore::MAX_PERMITS),
             )),
             config,
             store,
+            writes,
             hub,
             syncers,
             node,
@@ -236,6 +240,8 @@ mod server {
         {
             tracing::warn!("some connections did not close within 10 s");
         }
+        // The connections have ended (or were given up on): make every write they queued.
+        writer.close().await;
         Ok(())
     }
 }

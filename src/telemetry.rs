@@ -156,17 +156,21 @@ impl CommandOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreCall {
     Publish,
+    /// One ack, from the connection's point of view: queued, written with its batch, answered.
     RecordAck,
     EventsAfter,
     Snapshots,
+    /// One transaction of the connections' batched writes (`hub::writes`).
+    WriteBatch,
 }
 
 impl StoreCall {
-    const ALL: [StoreCall; 4] = [
+    const ALL: [StoreCall; 5] = [
         Self::Publish,
         Self::RecordAck,
         Self::EventsAfter,
         Self::Snapshots,
+        Self::WriteBatch,
     ];
 
     fn as_str(self) -> &'static str {
@@ -175,6 +179,7 @@ impl StoreCall {
             Self::RecordAck => "record_ack",
             Self::EventsAfter => "events_after",
             Self::Snapshots => "snapshots",
+            Self::WriteBatch => "write_batch",
         }
     }
 }
@@ -240,6 +245,7 @@ pub struct Metrics {
     subscribes: Family<Static1, Counter>,
     closed: Family<Static1, Counter>,
     store: HistogramFamily<Static1>,
+    write_batch: Histogram,
     commands: Family<Static1, Counter>,
     /// Topics with an `applied` ack since the convergence watcher last looked.
     acked_topics: Mutex<HashSet<String>>,
@@ -328,6 +334,13 @@ impl Metrics {
             "Duration of store calls, by operation",
             store.clone(),
         );
+        let write_batch =
+            Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0]);
+        r.register(
+            "confcast_store_write_batch_size",
+            "Connection writes (instance connected, subscriptions, disconnected, acks) made in one store transaction",
+            write_batch.clone(),
+        );
         let commands = Family::<Static1, Counter>::default();
         r.register(
             "confcast_commands",
@@ -376,6 +389,7 @@ impl Metrics {
             subscribes,
             closed,
             store,
+            write_batch,
             commands,
             registry: r,
             acked_topics: Mutex::new(HashSet::new()),
@@ -482,6 +496,11 @@ impl Metrics {
         self.commands
             .get_or_create(&[("outcome", outcome.as_str())])
             .inc_by(n);
+    }
+
+    /// `n` connection writes were made in one transaction.
+    pub fn write_batch(&self, n: usize) {
+        self.write_batch.observe(n as f64);
     }
 
     /// Runs the store call `call` and records how long it took (failures included).

@@ -21,7 +21,7 @@ use super::Frame;
 use crate::app::{bearer, AppError, AppState, Peer};
 use crate::auth::InstanceGrant;
 use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
-use crate::store::{AckRejection, CommandAckOutcome};
+use crate::store::{AckRejection, CommandAckOutcome, LogBounds};
 use crate::telemetry::{Closed, Delivery, StoreCall, SubscribeMode};
 
 /// `GET /ws`. When instance credentials are configured, the upgrade needs one, as
@@ -159,7 +159,7 @@ impl Connection {
             let conn = format!("{}/{}", self.app.node, id.connection);
             if let Err(e) = self
                 .app
-                .store
+                .writes
                 .instance_disconnected(&id.instance, &conn)
                 .await
             {
@@ -489,7 +489,7 @@ impl Connection {
         let conn = format!("{}/{connection}", self.app.node);
         if let Err(e) = self
             .app
-            .store
+            .writes
             .instance_connected(&instance, app.as_deref(), &labels, &conn, &self.app.node)
             .await
         {
@@ -592,17 +592,17 @@ impl Connection {
         };
         let interned = self.app.hub.subscriptions.listen(&inbox, &new_patterns);
         let matches = |topic: &str| topics.iter().any(|p| protocol::topic_matches(p, topic));
-        let result = match self.app.store.epoch().await {
+        let result = match self.app.store.log_bounds().await {
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the log epoch");
                 Err(None)
             }
-            Ok(current) => match since {
+            Ok(bounds) => match since {
                 Some(since) => {
-                    self.replay(&topics, since, epoch.as_deref(), current, &matches)
+                    self.replay(&topics, since, epoch.as_deref(), bounds, &matches)
                         .await
                 }
-                None => self.snapshot(&topics, &matches, None, &current).await,
+                None => self.snapshot(&topics, &matches, None, &bounds.epoch).await,
             },
         };
         let upto = match result {
@@ -640,7 +640,7 @@ impl Connection {
         if let Some(id) = &self.identity {
             if let Err(e) = self
                 .app
-                .store
+                .writes
                 .instance_subscriptions(&id.instance, &all)
                 .await
             {
@@ -688,15 +688,20 @@ impl Connection {
     }
 
     /// Replays the log after `since` for matching topics, or falls back to a snapshot when the log
-    /// no longer reaches back that far.
+    /// no longer reaches back that far. `bounds` were read after the patterns joined the subscription index.
     async fn replay(
         &mut self,
         topics: &[String],
         since: u64,
         epoch: Option<&str>,
-        current: String,
+        bounds: LogBounds,
         matches: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
     ) -> Result<u64, Option<End>> {
+        let LogBounds {
+            epoch: current,
+            head,
+            oldest,
+        } = bounds;
         let store = self.app.store.clone();
         let fail = |e: crate::store::StoreError| {
             tracing::error!(error = %e, "replay read failed");
@@ -707,7 +712,6 @@ impl Connection {
             let reason = format!("log epoch changed: since {since} is from epoch {theirs}, the log is now epoch {current}");
             return self.snapshot(topics, matches, Some(reason), &current).await;
         }
-        let head = store.head_seq().await.map_err(fail)?;
         if since > head && epoch.is_none() {
             // A revision-1 client cannot learn an epoch: snapshots, as before, and no new epoch
             // (it would come back with the same position and start one on every reconnect).
@@ -728,7 +732,6 @@ impl Connection {
                 "the log starts a new epoch: reconnect",
             )));
         }
-        let oldest = store.oldest_seq().await.map_err(fail)?;
         if since < head && oldest.is_none_or(|o| o > since + 1) {
             let reason = format!(
                 "since {since} is older than the log kept (oldest seq {})",
@@ -763,11 +766,13 @@ impl Connection {
         }
         metrics.delivered(Delivery::Snapshot, sent);
         let mut upto = since;
-        loop {
+        // Every seq up to the later of the two heads read is committed (seqs commit in order):
+        // the replay reads that far, and what comes after is queued in the inbox.
+        let end = head.max(snapshot_at);
+        while upto < end {
             let read = store.events_after(upto, 512);
             let events = (metrics.time_store(StoreCall::EventsAfter, read).await).map_err(fail)?;
-            let Some(first) = events.first() else { break };
-            if first.seq != upto + 1 {
+            if events.first().is_none_or(|first| first.seq != upto + 1) {
                 // Retention removed events while we were replaying.
                 let reason = format!("log trimmed during replay after seq {upto}");
                 return self.snapshot(topics, matches, Some(reason), &current).await;
@@ -815,7 +820,7 @@ impl Connection {
         let max = self.app.config.limits.max_ack_error_bytes;
         let error = error.map(|e| protocol::truncate_utf8(&e, max).to_string());
         let record =
-            (self.app.store).record_ack(&instance, &topic, version, status, error.as_deref());
+            (self.app.writes).record_ack(&instance, &topic, version, status, error.as_deref());
         match self
             .app
             .metrics

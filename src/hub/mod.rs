@@ -11,6 +11,7 @@ pub mod commands;
 pub mod connection;
 pub mod rollouts;
 pub mod subscriptions;
+pub mod writes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

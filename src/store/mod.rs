@@ -38,6 +38,13 @@ pub enum StoreError {
     /// and what to do.
     #[error("{0}")]
     Unhealthy(String),
+    /// The transaction of a batch of writes failed ([`Store::write_batch`]): every write in it
+    /// gets this, and none of them was made.
+    #[error("{0}")]
+    Batch(Arc<StoreError>),
+    /// The task that batches the connections' writes has stopped (the server is shutting down).
+    #[error("the store's writer has stopped (server shutting down)")]
+    WriterStopped,
 }
 
 /// What one sync found: the new head of a repo and the changes of each topic it touches.
@@ -449,6 +456,60 @@ pub enum AckRejection {
     UnknownVersion { current: u64 },
 }
 
+/// One write an instance's connection makes: batched with other connections' writes into one
+/// transaction by [`Store::write_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum InstanceWrite {
+    /// `instance` connected through `connection` on replica `node` (its subscriptions start
+    /// empty).
+    Connected {
+        instance: String,
+        app: Option<String>,
+        labels: BTreeMap<String, String>,
+        connection: String,
+        node: String,
+    },
+    /// `instance` is subscribed to `patterns` (all of them, replacing what it had).
+    Subscriptions {
+        instance: String,
+        patterns: Vec<String>,
+    },
+    /// `instance` disconnected, unless a newer connection than `connection` has taken it over.
+    Disconnected {
+        instance: String,
+        connection: String,
+    },
+    /// What `instance` did with `version` of `topic` (its latest word per topic counts).
+    Ack {
+        instance: String,
+        topic: String,
+        version: u64,
+        status: AckStatus,
+        error: Option<String>,
+    },
+}
+
+impl InstanceWrite {
+    pub fn instance(&self) -> &str {
+        match self {
+            InstanceWrite::Connected { instance, .. }
+            | InstanceWrite::Subscriptions { instance, .. }
+            | InstanceWrite::Disconnected { instance, .. }
+            | InstanceWrite::Ack { instance, .. } => instance,
+        }
+    }
+}
+
+/// Where the log stands, read at one moment: what a `subscribe` with `since` is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogBounds {
+    pub epoch: String,
+    /// The highest sequence number written (0 for an empty log).
+    pub head: u64,
+    /// The lowest sequence number still kept, if the log is not empty.
+    pub oldest: Option<u64>,
+}
+
 /// The store behind confcast. SQLite is the embedded default; PostgreSQL serves several replicas.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -472,6 +533,8 @@ pub trait Store: Send + Sync + 'static {
     async fn rotate_epoch(&self, current: &str) -> Result<String, StoreError>;
     /// The lowest sequence number still kept, if the log is not empty.
     async fn oldest_seq(&self) -> Result<Option<u64>, StoreError>;
+    /// [`Store::epoch`], [`Store::head_seq`] and [`Store::oldest_seq`] in one read.
+    async fn log_bounds(&self) -> Result<LogBounds, StoreError>;
 
     /// A consistent view: the log head and the full state of every topic `filter` accepts.
     async fn snapshots(
@@ -482,7 +545,17 @@ pub trait Store: Send + Sync + 'static {
     async fn topic_history(&self, topic: &str, limit: u32)
         -> Result<Vec<HistoryEntry>, StoreError>;
 
-    /// Marks `instance` connected through `connection` on replica `node`.
+    /// Makes `writes` in one transaction and answers each, in the order given: `Ok(())`, or for
+    /// an ack the reason it was refused (an unknown topic, a version 0 or above the topic's
+    /// current one), which writes nothing while the batch's other writes are made. The writes of
+    /// one instance are made in the order given. An error means the transaction failed and
+    /// none was made.
+    async fn write_batch(
+        &self,
+        writes: &[InstanceWrite],
+    ) -> Result<Vec<Result<(), AckRejection>>, StoreError>;
+
+    /// Marks `instance` connected through `connection` on replica `node` (a batch of one).
     async fn instance_connected(
         &self,
         instance: &str,
@@ -490,18 +563,41 @@ pub trait Store: Send + Sync + 'static {
         labels: &BTreeMap<String, String>,
         connection: &str,
         node: &str,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        let write = InstanceWrite::Connected {
+            instance: instance.into(),
+            app: app.map(Into::into),
+            labels: labels.clone(),
+            connection: connection.into(),
+            node: node.into(),
+        };
+        self.write_batch(&[write]).await.map(drop)
+    }
+    /// Records the patterns `instance` is subscribed to (a batch of one).
     async fn instance_subscriptions(
         &self,
         instance: &str,
         patterns: &[String],
-    ) -> Result<(), StoreError>;
-    /// Marks `instance` disconnected unless a newer connection has taken it over.
+    ) -> Result<(), StoreError> {
+        let write = InstanceWrite::Subscriptions {
+            instance: instance.into(),
+            patterns: patterns.to_vec(),
+        };
+        self.write_batch(&[write]).await.map(drop)
+    }
+    /// Marks `instance` disconnected unless a newer connection has taken it over (a batch of
+    /// one).
     async fn instance_disconnected(
         &self,
         instance: &str,
         connection: &str,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        let write = InstanceWrite::Disconnected {
+            instance: instance.into(),
+            connection: connection.into(),
+        };
+        self.write_batch(&[write]).await.map(drop)
+    }
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
     /// At most `limit` instances that `filter` accepts with an id above `after`, in id order,
     /// and how many `filter` accepts in all (whatever `after`).
@@ -520,7 +616,8 @@ pub trait Store: Send + Sync + 'static {
     /// however old. Returns how many were forgotten.
     async fn expire_instances(&self, disconnected_before_ms: i64) -> Result<u64, StoreError>;
 
-    /// Records what `instance` did with `version` of `topic` (its latest word per topic counts).
+    /// Records what `instance` did with `version` of `topic` (its latest word per topic counts;
+    /// a batch of one).
     async fn record_ack(
         &self,
         instance: &str,
@@ -528,7 +625,19 @@ pub trait Store: Send + Sync + 'static {
         version: u64,
         status: AckStatus,
         error: Option<&str>,
-    ) -> Result<Result<(), AckRejection>, StoreError>;
+    ) -> Result<Result<(), AckRejection>, StoreError> {
+        let write = InstanceWrite::Ack {
+            instance: instance.into(),
+            topic: topic.into(),
+            version,
+            status,
+            error: error.map(Into::into),
+        };
+        let mut answers = self.write_batch(&[write]).await?;
+        answers
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("a batch of one ack was not answered".into()))
+    }
     async fn acks(&self) -> Result<Vec<AckRecord>, StoreError>;
     /// Remembers a webhook delivery id; `false` when it was seen before (a redelivery). Keeps
     /// the most recent ids only (bounded).

@@ -28,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     log_entry, now_ms, AckGroup, AckRecord, AckRejection, ActiveCommand, AuditEntry, AuditQuery,
     AuditRecord, CommandAckOutcome, CommandCounts, CommandInstance, CommandRecord, CommandRefusal,
-    FileBefore, HeldChange, HistoryEntry, HistoryFile, InstanceFilter, InstanceRecord, LogEntry,
-    LoggedChange, LoggedEvent, NewCommand, Pin, Rejection, RepoLock, RepoRecord, Resync, Store,
-    StoreError, SubscriberGroup, SyncOutcome, TopicSummary,
+    FileBefore, HeldChange, HistoryEntry, HistoryFile, InstanceFilter, InstanceRecord,
+    InstanceWrite, LogBounds, LogEntry, LoggedChange, LoggedEvent, NewCommand, Pin, Rejection,
+    RepoLock, RepoRecord, Resync, Store, StoreError, SubscriberGroup, SyncOutcome, TopicSummary,
 };
 use crate::protocol::{
     AckStatus, Change, CommandStatus, FileStatus, ServerMessage, Snapshot, SnapshotFile,
@@ -261,7 +261,24 @@ where
 const DELETE_FILE: &str = "DELETE FROM topic_files WHERE topic = $1 AND path = $2";
 
 const ACKS: &str = "SELECT instance, topic, version, status, error, acked_at FROM acks
-     WHERE CAST($1 AS TEXT) IS NULL OR instance = $1 ORDER BY instance, topic";
+     ORDER BY instance, topic";
+
+/// One instance's acks: a search of the primary key, which an `OR` of a bound value in the
+/// `WHERE` would turn into a scan of every ack (on every resuming `subscribe`).
+const ACKS_OF: &str = "SELECT instance, topic, version, status, error, acked_at FROM acks
+     WHERE instance = $1 ORDER BY topic";
+
+/// The order [`Store::write_batch`] makes writes in: by instance, then the instance's own row
+/// before its acks, then by topic. A stable sort by it keeps the order given among the writes of
+/// one row.
+fn write_order(write: &InstanceWrite) -> (&str, u8, &str) {
+    match write {
+        InstanceWrite::Ack {
+            instance, topic, ..
+        } => (instance, 1, topic),
+        other => (other.instance(), 0, ""),
+    }
+}
 
 const INSTANCE_COLUMNS: &str =
     "id, app, labels, subscriptions, connected, node, last_seen, connected_at";
@@ -708,6 +725,24 @@ where
         row.map(|r| u64_at(&r, "seq")).transpose()
     }
 
+    async fn log_bounds(&self) -> Result<LogBounds, StoreError> {
+        // One statement: one moment of the log in both databases.
+        let row = sqlx::query(
+            "SELECT m.epoch, h.seq, (SELECT MIN(seq) FROM events) AS oldest
+             FROM log_meta m, log_head h WHERE m.id = 1 AND h.id = 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(LogBounds {
+            epoch: row.try_get("epoch")?,
+            head: u64_at(&row, "seq")?,
+            oldest: row
+                .try_get::<Option<i64>, _>("oldest")?
+                .map(|seq| nonnegative("seq", seq))
+                .transpose()?,
+        })
+    }
+
     async fn snapshots(
         &self,
         filter: &(dyn for<'t> Fn(&'t str) -> bool + Sync),
@@ -830,60 +865,131 @@ where
             .collect()
     }
 
-    async fn instance_connected(
+    async fn write_batch(
         &self,
-        instance: &str,
-        app: Option<&str>,
-        labels: &BTreeMap<String, String>,
-        connection: &str,
-        node: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO instances (id, app, labels, subscriptions, connected, connection, node, last_seen, connected_at)
-             VALUES ($1, $2, $3, '[]', true, $4, $5, $6, $6)
-             ON CONFLICT (id) DO UPDATE SET app = excluded.app, labels = excluded.labels, connected = true,
-               connection = excluded.connection, node = excluded.node, last_seen = excluded.last_seen,
-               connected_at = excluded.connected_at",
-        )
-        .bind(instance)
-        .bind(app)
-        .bind(to_json(labels)?)
-        .bind(connection)
-        .bind(node)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn instance_subscriptions(
-        &self,
-        instance: &str,
-        patterns: &[String],
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE instances SET subscriptions = $2, last_seen = $3 WHERE id = $1")
-            .bind(instance)
-            .bind(to_json(patterns)?)
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn instance_disconnected(
-        &self,
-        instance: &str,
-        connection: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE instances SET connected = false, last_seen = $3 WHERE id = $1 AND connection = $2",
-        )
-        .bind(instance)
-        .bind(connection)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        writes: &[InstanceWrite],
+    ) -> Result<Vec<Result<(), AckRejection>>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        // The version of each acked topic, read once for the whole batch, before the transaction
+        // (as a single ack always did): publishers wait for the writes below, not for this read.
+        // A version published meanwhile only makes the check stricter than it needs to be.
+        let mut topics: Vec<&str> = writes
+            .iter()
+            .filter_map(|w| match w {
+                InstanceWrite::Ack { topic, .. } => Some(topic.as_str()),
+                _ => None,
+            })
+            .collect();
+        topics.sort_unstable();
+        topics.dedup();
+        let mut current: BTreeMap<String, u64> = BTreeMap::new();
+        for names in topics.chunks(NAMES_PER_QUERY) {
+            let sql = format!(
+                "SELECT name, version FROM topics WHERE name IN ({})",
+                placeholders(1, names.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for name in names {
+                query = query.bind(*name);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                current.insert(row.try_get("name")?, u64_at(&row, "version")?);
+            }
+        }
+        // Every statement below writes, the first one included: SQLite takes its write lock there
+        // (waiting for it, with the busy timeout), as for a publish.
+        let mut tx = self.pool.begin().await?;
+        // Every batch writes rows in one order (`write_order`), so batches of two replicas
+        // sharing rows on PostgreSQL (an instance moving between them) lock them in the same
+        // order and cannot deadlock.
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        order.sort_by(|&a, &b| write_order(&writes[a]).cmp(&write_order(&writes[b])));
+        let mut answers = vec![Ok(()); writes.len()];
+        for i in order {
+            match &writes[i] {
+                InstanceWrite::Connected {
+                    instance,
+                    app,
+                    labels,
+                    connection,
+                    node,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO instances (id, app, labels, subscriptions, connected, connection, node, last_seen, connected_at)
+                         VALUES ($1, $2, $3, '[]', true, $4, $5, $6, $6)
+                         ON CONFLICT (id) DO UPDATE SET app = excluded.app, labels = excluded.labels, connected = true,
+                           connection = excluded.connection, node = excluded.node, last_seen = excluded.last_seen,
+                           connected_at = excluded.connected_at",
+                    )
+                    .bind(instance.as_str())
+                    .bind(app.as_deref())
+                    .bind(to_json(labels)?)
+                    .bind(connection.as_str())
+                    .bind(node.as_str())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                InstanceWrite::Subscriptions { instance, patterns } => {
+                    sqlx::query(
+                        "UPDATE instances SET subscriptions = $2, last_seen = $3 WHERE id = $1",
+                    )
+                    .bind(instance.as_str())
+                    .bind(to_json(patterns)?)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                InstanceWrite::Disconnected {
+                    instance,
+                    connection,
+                } => {
+                    sqlx::query(
+                        "UPDATE instances SET connected = false, last_seen = $3 WHERE id = $1 AND connection = $2",
+                    )
+                    .bind(instance.as_str())
+                    .bind(connection.as_str())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                InstanceWrite::Ack {
+                    instance,
+                    topic,
+                    version,
+                    status,
+                    error,
+                } => {
+                    let Some(&current) = current.get(topic) else {
+                        answers[i] = Err(AckRejection::UnknownTopic);
+                        continue;
+                    };
+                    if *version == 0 || *version > current {
+                        answers[i] = Err(AckRejection::UnknownVersion { current });
+                        continue;
+                    }
+                    sqlx::query(
+                        "INSERT INTO acks (instance, topic, version, status, error, acked_at) VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (instance, topic) DO UPDATE SET version = excluded.version, status = excluded.status,
+                           error = excluded.error, acked_at = excluded.acked_at
+                         WHERE excluded.version >= acks.version",
+                    )
+                    .bind(instance.as_str())
+                    .bind(topic.as_str())
+                    .bind(to_i64(*version))
+                    .bind(status.as_str())
+                    .bind(error.as_deref())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(answers)
     }
 
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
@@ -1042,47 +1148,8 @@ where
         Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
     }
 
-    async fn record_ack(
-        &self,
-        instance: &str,
-        topic: &str,
-        version: u64,
-        status: AckStatus,
-        error: Option<&str>,
-    ) -> Result<Result<(), AckRejection>, StoreError> {
-        let current = sqlx::query("SELECT version FROM topics WHERE name = $1")
-            .bind(topic)
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(current) = current else {
-            return Ok(Err(AckRejection::UnknownTopic));
-        };
-        let current = u64_at(&current, "version")?;
-        if version == 0 || version > current {
-            return Ok(Err(AckRejection::UnknownVersion { current }));
-        }
-        sqlx::query(
-            "INSERT INTO acks (instance, topic, version, status, error, acked_at) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (instance, topic) DO UPDATE SET version = excluded.version, status = excluded.status,
-               error = excluded.error, acked_at = excluded.acked_at
-             WHERE excluded.version >= acks.version",
-        )
-        .bind(instance)
-        .bind(topic)
-        .bind(to_i64(version))
-        .bind(status.as_str())
-        .bind(error)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(Ok(()))
-    }
-
     async fn acks(&self) -> Result<Vec<AckRecord>, StoreError> {
-        let rows = sqlx::query(ACKS)
-            .bind(None::<&str>)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(ACKS).fetch_all(&self.pool).await?;
         rows.iter().map(ack_record).collect()
     }
 
@@ -1142,8 +1209,8 @@ where
     }
 
     async fn acks_of(&self, instance: &str) -> Result<Vec<AckRecord>, StoreError> {
-        let rows = sqlx::query(ACKS)
-            .bind(Some(instance))
+        let rows = sqlx::query(ACKS_OF)
+            .bind(instance)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(ack_record).collect()

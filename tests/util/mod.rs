@@ -447,14 +447,24 @@ impl ServerProcess {
         server_extra: &str,
         top_extra: &str,
     ) -> ServerProcess {
+        Self::start_config(dir, |port, data_dir| {
+            format!(
+                "{top_extra}\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server_extra}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{repo_url}\"\nsecret = \"{SECRET}\"\n",
+                data_dir.display(),
+            )
+        })
+        .await
+    }
+
+    /// Starts the binary with the whole config written by `toml(port, data_dir)`, for a test
+    /// that needs keys `start` fixes (its 1 s heartbeat, say).
+    pub async fn start_config(
+        dir: &Path,
+        toml: impl FnOnce(u16, &Path) -> String,
+    ) -> ServerProcess {
         let port = free_port();
         let config = dir.join("confcast.toml");
-        let toml = format!(
-            "{top_extra}\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nkeepalive_timeout_secs = 5\n{server_extra}\n\n[[repos]]\nname = \"cfg\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
-            dir.join("data").display(),
-            repo_url
-        );
-        std::fs::write(&config, toml).expect("write config");
+        std::fs::write(&config, toml(port, &dir.join("data"))).expect("write config");
         let mut p = ServerProcess {
             port,
             config,
