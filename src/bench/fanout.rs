@@ -208,8 +208,21 @@ pub async fn fanout(options: Options) -> Result<(), BenchError> {
         let resumed_before = run.fleet.state.resumed.load(Ordering::Acquire);
         let child = Child::spawn(&args).await?;
         let ready = Instant::now();
+        let cpu0 = child.pid().and_then(os::cpu_secs);
+        let own0 = os::cpu_secs(std::process::id());
         let s = run.fleet.state.clone();
         let n = options.instances;
+        let first = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let _ = s
+                    .wait(Duration::from_secs(300), String::new, || {
+                        s.resumed.load(Ordering::Acquire) > resumed_before
+                    })
+                    .await;
+                ready.elapsed()
+            })
+        };
         s.wait(
             Duration::from_secs(300),
             || {
@@ -221,10 +234,21 @@ pub async fn fanout(options: Options) -> Result<(), BenchError> {
             || s.resumed.load(Ordering::Acquire) - resumed_before >= n,
         )
         .await?;
+        let took = ready.elapsed();
+        let cpu = match (cpu0, child.pid().and_then(os::cpu_secs)) {
+            (Some(a), Some(b)) => format!("{:.1} s", b - a),
+            _ => "n/a".into(),
+        };
+        let own = match (own0, os::cpu_secs(std::process::id())) {
+            (Some(a), Some(b)) => format!("{:.1} s", b - a),
+            _ => "n/a".into(),
+        };
+        let first = first.await.unwrap_or_default();
         println!(
-            "  restart storm: {n} instances resumed with `since` {:.2} s after the new server was ready ({:.2} s after the old one stopped); gaps {}",
-            ready.elapsed().as_secs_f64(),
+            "  restart storm: {n} instances resumed with `since` {:.2} s after the new server process started ({:.2} s after the old one stopped; first resumed at {:.2} s); server CPU {cpu}, instances' CPU {own}; gaps {}",
+            took.as_secs_f64(),
             stopped.elapsed().as_secs_f64(),
+            first.as_secs_f64(),
             s.gaps.load(Ordering::Acquire)
         );
         run.fleet.close().await;

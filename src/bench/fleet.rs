@@ -3,8 +3,11 @@
 //! records when each version reached it. Light on purpose: the load generator shares the machine
 //! with the server, so every byte and cycle it spends is one the server does not get.
 //!
-//! Client sockets are spread over source addresses 127.0.0.1, 127.0.0.2, ...: one source address
-//! has about 28,000 ephemeral ports, so 50,000 connections to one server port need two or more.
+//! Client sockets are spread over source addresses 127.0.1.1 to 127.0.254.254 (instance i gets
+//! one of its own up to 64,516 instances): one source address has about 28,000 ephemeral ports,
+//! so 50,000 connections to one server port need two or more, and with many connections (or the
+//! TIME_WAIT sockets of a previous run) on one address, finding a free port at each bind costs the
+//! kernel more CPU than the server spends.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -28,9 +31,6 @@ pub enum Speaks {
     /// Nothing: the raw broadcaster just sends.
     Nothing,
 }
-
-/// Source ports one source address offers (the default ephemeral range is 32768-60999).
-const PORTS_PER_SOURCE: usize = 25_000;
 
 /// When each version reached the instances.
 #[derive(Default)]
@@ -170,8 +170,8 @@ impl Fleet {
             let source = Ipv4Addr::new(
                 127,
                 0,
-                0,
-                1 + u8::try_from(i / PORTS_PER_SOURCE).unwrap_or(200),
+                u8::try_from(1 + (i / 254) % 254).unwrap_or(1),
+                u8::try_from(1 + i % 254).unwrap_or(1),
             );
             let instance = Instance {
                 id: format!("bench-{i:06}"),
