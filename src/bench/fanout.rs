@@ -293,12 +293,7 @@ async fn measure_baseline(child: &Child, options: &Options) -> Result<Figures, B
             .send()
             .await?;
         let s = &fleet.state;
-        s.wait(
-            Duration::from_secs(60),
-            || format!("raw change {n}: {} of {}", s.holding(n), options.instances),
-            || s.holding(n) >= options.instances,
-        )
-        .await?;
+        s.all_hold(n, Duration::from_secs(60), "raw").await?;
         let last = s.last_arrival(n).unwrap_or(sent);
         latencies.push(last.saturating_duration_since(sent));
     }
@@ -435,13 +430,7 @@ impl ConfcastRun {
             self.version += 1;
             let want = self.version;
             let s = &self.fleet.state;
-            let n = options.instances;
-            s.wait(
-                Duration::from_secs(60),
-                || format!("version {want}: {} of {n}", s.holding(want)),
-                || s.holding(want) >= n,
-            )
-            .await?;
+            s.all_hold(want, Duration::from_secs(60), "fan-out").await?;
             let last = s.last_arrival(want).unwrap_or(sent);
             latencies.push(last.saturating_duration_since(sent));
         }
@@ -464,12 +453,8 @@ impl ConfcastRun {
         let (_, sent) = self.push(64).await?;
         self.version += 1;
         let want = self.version;
-        s.wait(
-            Duration::from_secs(60),
-            || format!("ack storm: version {want} at {} of {n}", s.holding(want)),
-            || s.holding(want) >= n,
-        )
-        .await?;
+        s.all_hold(want, Duration::from_secs(60), "ack storm")
+            .await?;
         // Poll the rollout as an operator would, until every instance shows as applied.
         let seen = loop {
             let applied = rollout_applied(&self.http, self.addr, want).await?;
@@ -525,12 +510,8 @@ impl ConfcastRun {
         };
         let published = version - self.version;
         self.version = version;
-        s.wait(
-            Duration::from_secs(120),
-            || format!("burst: version {version} at {} of {n}", s.holding(version)),
-            || s.holding(version) >= n,
-        )
-        .await?;
+        s.all_hold(version, Duration::from_secs(120), "burst")
+            .await?;
         println!(
             "  burst: {} pushes in {:.1} s -> {published} versions; all {n} instances at v{version} {:.0} ms after the last push; versions skipped: {}",
             options.burst,

@@ -99,6 +99,27 @@ impl FleetState {
         Some(self.started + Duration::from_nanos(a.last_ns.load(Ordering::Acquire)))
     }
 
+    /// Waits until every instance holds `version`; `label` names the step in the error.
+    pub async fn all_hold(
+        &self,
+        version: u64,
+        limit: Duration,
+        label: &str,
+    ) -> Result<(), BenchError> {
+        let n = self.size;
+        self.wait(
+            limit,
+            || {
+                format!(
+                    "{label}: version {version} at {} of {n}",
+                    self.holding(version)
+                )
+            },
+            || self.holding(version) >= n,
+        )
+        .await
+    }
+
     /// Waits until `done()` holds, or fails after `limit` naming `what`.
     pub async fn wait(
         &self,
