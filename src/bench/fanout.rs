@@ -190,7 +190,10 @@ pub async fn fanout(options: Options) -> Result<(), BenchError> {
     if let Some(raw) = &baseline {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
         let cpu = match (figures.cpu_per_change, raw.cpu_per_change) {
-            (Some(a), Some(b)) => format!("{:.2}x", ratio(a.as_secs_f64(), b.as_secs_f64())),
+            // Below one 10 ms tick per change for the floor: no ratio to speak of.
+            (Some(a), Some(b)) if !b.is_zero() => {
+                format!("{:.2}x", ratio(a.as_secs_f64(), b.as_secs_f64()))
+            }
             _ => "n/a".into(),
         };
         println!(
@@ -528,18 +531,26 @@ impl ConfcastRun {
     }
 }
 
-/// The topic's (version, commit).
-async fn topic_state(
+/// `GET /api/v1/topics/payments` (null until the topic exists).
+async fn topic_json(
     http: &reqwest::Client,
     addr: SocketAddr,
-) -> Result<(u64, String), BenchError> {
-    let v: serde_json::Value = http
+) -> Result<serde_json::Value, BenchError> {
+    Ok(http
         .get(format!("http://{addr}/api/v1/topics/payments"))
         .send()
         .await?
         .json()
         .await
-        .unwrap_or_default();
+        .unwrap_or_default())
+}
+
+/// The topic's (version, commit).
+async fn topic_state(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+) -> Result<(u64, String), BenchError> {
+    let v = topic_json(http, addr).await?;
     Ok((
         v["version"].as_u64().unwrap_or(0),
         v["commit"].as_str().unwrap_or_default().to_string(),
@@ -574,13 +585,7 @@ async fn rollout_applied(
     addr: SocketAddr,
     version: u64,
 ) -> Result<usize, BenchError> {
-    let v: serde_json::Value = http
-        .get(format!("http://{addr}/api/v1/topics/payments"))
-        .send()
-        .await?
-        .json()
-        .await
-        .unwrap_or_default();
+    let v = topic_json(http, addr).await?;
     let applied = v["rollout"]["applied"].as_array().map_or(0, |a| {
         a.iter()
             .filter(|i| i["version"].as_u64() == Some(version))
