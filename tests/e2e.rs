@@ -1114,3 +1114,61 @@ async fn frames_over_the_websocket_default_limit_reach_instances() {
     let frame: usize = files.iter().map(|f| f.content.len()).sum();
     assert!(frame > 16 * 1024 * 1024, "{frame}");
 }
+
+/// A NUL in an ack's error is stored as U+FFFD, and an ack for a topic name with a NUL is refused
+/// with an error frame: PostgreSQL refuses a NUL in text, and before this an ack carrying one
+/// failed the batch of other instances' writes it shared a transaction with. Both stores, and an
+/// honest instance acking at the same time gets its ack recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_with_a_nul_is_stored_or_refused_alone_on_both_stores() {
+    let db = util::PgDatabase::create().await;
+    let mut stores = vec![None];
+    if let Some(db) = &db {
+        stores.push(Some(db.url.clone()));
+    }
+    for store in stores {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = config_repo(dir.path());
+        let server_extra = match &store {
+            Some(url) => format!("\n[store]\nurl = \"{url}\""),
+            None => String::new(),
+        };
+        let mut server = TestServer::start_with(dir.path(), &repo, "", &server_extra).await;
+        server.wait_syncs(1).await;
+        let (mut hostile, _) = Instance::subscribed(&server, "hostile", &["payments"]).await;
+        let (mut honest, _) = Instance::subscribed(&server, "honest", &["payments"]).await;
+
+        let nul_topic = ClientMessage::Ack {
+            topic: "pay\0ments".into(),
+            version: 1,
+            status: AckStatus::Applied,
+            error: None,
+        };
+        hostile.session.send(&nul_topic).await.expect("send");
+        match hostile.next().await {
+            ServerMessage::Error { code, message } => {
+                assert_eq!(code, "unknown_version", "{message}");
+                assert!(message.contains("control"), "{message}");
+            }
+            other => panic!("expected an error frame, got {other:?}"),
+        }
+        let (send_bad, _) = tokio::join!(
+            hostile.ack(
+                "payments",
+                1,
+                AckStatus::Failed,
+                Some("bad\0byte in \0 the error")
+            ),
+            honest.ack("payments", 1, AckStatus::Applied, None),
+        );
+        let () = send_bad;
+        let (_, acks) = server.get("/api/v1/topics/payments").await;
+        let text = acks.to_string();
+        assert!(
+            text.contains("bad\u{fffd}byte in \u{fffd} the error"),
+            "{store:?}: {text}"
+        );
+        assert!(text.contains("honest"), "{store:?}: {text}");
+        server.stop().await;
+    }
+}

@@ -817,8 +817,14 @@ impl Connection {
             let message = format!("this credential may not ack topic `{topic}`");
             return self.error(error_code::FORBIDDEN, message).await;
         }
+        if topic.chars().any(unprintable) {
+            // No topic has such a name, and PostgreSQL refuses a NUL in text outright.
+            let message = "topic may not contain control or bidirectional formatting characters";
+            return self.error(error_code::UNKNOWN_VERSION, message).await;
+        }
         let max = self.app.config.limits.max_ack_error_bytes;
-        let error = error.map(|e| protocol::truncate_utf8(&e, max).to_string());
+        // A NUL is kept as U+FFFD: PostgreSQL cannot store it in text.
+        let error = error.map(|e| protocol::truncate_utf8(&e, max).replace('\0', "\u{fffd}"));
         let record =
             (self.app.writes).record_ack(&instance, &topic, version, status, error.as_deref());
         match self

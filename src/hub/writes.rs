@@ -1,7 +1,8 @@
 //! The connections' store writes, batched: every connection hands its instance's writes
 //! (connected, subscriptions, disconnected, acks) to one task per served `App`, which makes
 //! whatever has queued in one transaction ([`Store::write_batch`]) and answers each connection
-//! with its own result.
+//! with its own result. A batch the store refuses is made again write by write, so one bad write
+//! (a value the database rejects) fails only its own connection's write.
 //!
 //! One transaction per write serialised a reconnect storm or an ack storm on the store's write
 //! lock (SQLite) or on round trips and commits (PostgreSQL); one per batch costs the same whether
@@ -42,6 +43,8 @@ struct Queued {
 #[derive(Clone)]
 pub struct Writes {
     queue: mpsc::Sender<Queued>,
+    /// How many writes the task has taken from the queue so far (tests wait on it).
+    taken: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Stops the task once it has made every write queued before `close`.
@@ -65,8 +68,9 @@ impl Writes {
     pub fn start(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> (Writes, WritesTask) {
         let (queue, rx) = mpsc::channel(QUEUED);
         let closed = CancellationToken::new();
-        let task = tokio::spawn(run(store, metrics, rx, closed.clone()));
-        (Writes { queue }, WritesTask { closed, task })
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn(run(store, metrics, rx, closed.clone(), taken.clone()));
+        (Writes { queue, taken }, WritesTask { closed, task })
     }
 
     /// Queues `write` and waits until its batch committed (or failed).
@@ -88,13 +92,7 @@ impl Writes {
         connection: &str,
         node: &str,
     ) -> Result<(), StoreError> {
-        let write = InstanceWrite::Connected {
-            instance: instance.into(),
-            app: app.map(Into::into),
-            labels: labels.clone(),
-            connection: connection.into(),
-            node: node.into(),
-        };
+        let write = InstanceWrite::connected(instance, app, labels, connection, node);
         self.write(write).await.map(drop)
     }
 
@@ -104,10 +102,7 @@ impl Writes {
         instance: &str,
         patterns: &[String],
     ) -> Result<(), StoreError> {
-        let write = InstanceWrite::Subscriptions {
-            instance: instance.into(),
-            patterns: patterns.to_vec(),
-        };
+        let write = InstanceWrite::subscriptions(instance, patterns);
         self.write(write).await.map(drop)
     }
 
@@ -117,10 +112,7 @@ impl Writes {
         instance: &str,
         connection: &str,
     ) -> Result<(), StoreError> {
-        let write = InstanceWrite::Disconnected {
-            instance: instance.into(),
-            connection: connection.into(),
-        };
+        let write = InstanceWrite::disconnected(instance, connection);
         self.write(write).await.map(drop)
     }
 
@@ -133,13 +125,7 @@ impl Writes {
         status: AckStatus,
         error: Option<&str>,
     ) -> Answer {
-        let write = InstanceWrite::Ack {
-            instance: instance.into(),
-            topic: topic.into(),
-            version,
-            status,
-            error: error.map(Into::into),
-        };
+        let write = InstanceWrite::ack(instance, topic, version, status, error);
         self.write(write).await
     }
 }
@@ -149,6 +135,7 @@ async fn run(
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<Queued>,
     closed: CancellationToken,
+    taken: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut closing = false;
@@ -164,6 +151,7 @@ async fn run(
                 if received == 0 {
                     return;
                 }
+                taken.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
                 write(store.as_ref(), &metrics, &mut batch).await;
             }
         }
@@ -193,12 +181,40 @@ async fn write(store: &dyn Store, metrics: &Metrics, batch: &mut Vec<Queued>) {
             ));
             fail(answers, e);
         }
+        Err(e) if answers.len() > 1 => {
+            // One write the store refuses must not fail the others' (a batch holds up to
+            // MAX_BATCH connections' writes): each is made again alone, and only the writes
+            // that fail alone are answered with an error.
+            tracing::warn!(writes = answers.len(), error = %e, "a batch of instance writes failed; making each alone");
+            for (write, answer) in writes.into_iter().zip(answers) {
+                let made = metrics
+                    .time_store(
+                        StoreCall::WriteBatch,
+                        store.write_batch(std::slice::from_ref(&write)),
+                    )
+                    .await;
+                metrics.write_batch(1);
+                match made {
+                    Ok(mut results) if results.len() == 1 => {
+                        let _ = answer.send(Ok(results.remove(0)));
+                    }
+                    Ok(results) => fail(
+                        vec![answer],
+                        StoreError::Corrupt(format!(
+                            "a write was answered {} times",
+                            results.len()
+                        )),
+                    ),
+                    Err(e) => fail(vec![answer], e),
+                }
+            }
+        }
         Err(e) => fail(answers, e),
     }
 }
 
 fn fail(answers: Vec<oneshot::Sender<Answer>>, error: StoreError) {
-    tracing::error!(writes = answers.len(), error = %error, "a batch of instance writes failed");
+    tracing::error!(writes = answers.len(), error = %error, "instance writes failed");
     let error = Arc::new(error);
     for answer in answers {
         let _ = answer.send(Err(StoreError::Batch(error.clone())));
@@ -252,10 +268,12 @@ mod tests {
             .expect("release the write lock");
     }
 
-    /// Waits until `n` writes wait in the queue (the task took the others).
-    async fn queued(writes: &Writes, n: usize) {
+    /// Waits until the task has taken `taken` writes and `n` more wait in the queue.
+    async fn queued(writes: &Writes, taken: usize, n: usize) {
         tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while writes.queue.capacity() != QUEUED - n {
+            while writes.taken.load(std::sync::atomic::Ordering::Relaxed) != taken
+                || writes.queue.capacity() != QUEUED - n
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
         })
@@ -289,13 +307,13 @@ mod tests {
         let (writes, task) = Writes::start(store.clone(), metrics.clone());
         hold_write_lock(&mut other).await;
         let first = ack(&writes, "i-0".into(), 1);
-        queued(&writes, 0).await;
+        queued(&writes, 1, 0).await;
         // 99 more while the first one's transaction waits for the lock; every tenth for a
         // version that does not exist.
         let rest: Vec<_> = (1..100)
             .map(|i| ack(&writes, format!("i-{i}"), if i % 10 == 0 { 2 } else { 1 }))
             .collect();
-        queued(&writes, 99).await;
+        queued(&writes, 1, 99).await;
         release_write_lock(&mut other).await;
 
         assert_eq!(first.await.expect("task").expect("written"), Ok(()));
@@ -327,9 +345,9 @@ mod tests {
         let (writes, task) = Writes::start(store.clone(), Metrics::new());
         hold_write_lock(&mut other).await;
         let first = ack(&writes, "i-0".into(), 1);
-        queued(&writes, 0).await;
+        queued(&writes, 1, 0).await;
         let rest: Vec<_> = (1..10).map(|i| ack(&writes, format!("i-{i}"), 1)).collect();
-        queued(&writes, 9).await;
+        queued(&writes, 1, 9).await;
         let closing = tokio::spawn(task.close());
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!closing.is_finished(), "close waits for the queued writes");
@@ -346,15 +364,67 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_the_store_refuses_fails_alone_and_the_rest_of_its_batch_is_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, mut other) = store(dir.path()).await;
+        let metrics = Metrics::new();
+        let (writes, task) = Writes::start(store.clone(), metrics.clone());
+        // The database itself refuses one instance's ack (as PostgreSQL refuses a NUL in text).
+        sqlx::Executor::execute(
+            &mut other,
+            "CREATE TRIGGER refuse BEFORE INSERT ON acks WHEN NEW.instance = 'i-7' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .await
+        .expect("trigger");
+        hold_write_lock(&mut other).await;
+        let first = ack(&writes, "i-0".into(), 1);
+        queued(&writes, 1, 0).await;
+        let rest: Vec<_> = (1..20).map(|i| ack(&writes, format!("i-{i}"), 1)).collect();
+        queued(&writes, 1, 19).await;
+        release_write_lock(&mut other).await;
+
+        assert_eq!(first.await.expect("task").expect("written"), Ok(()));
+        for (i, answer) in (1..20).zip(rest) {
+            let answer = answer.await.expect("task");
+            if i == 7 {
+                assert!(matches!(answer, Err(StoreError::Batch(_))), "{answer:?}");
+            } else {
+                assert_eq!(answer.expect("written"), Ok(()), "i-{i}");
+            }
+        }
+        let mut acked: Vec<String> = store
+            .acks()
+            .await
+            .expect("acks")
+            .into_iter()
+            .map(|a| a.instance)
+            .collect();
+        acked.sort();
+        let mut expected: Vec<String> = (0..20)
+            .filter(|i| *i != 7)
+            .map(|i| format!("i-{i}"))
+            .collect();
+        expected.sort();
+        assert_eq!(acked, expected);
+        assert_eq!(
+            metric(&metrics, "confcast_store_write_batch_size_count"),
+            "confcast_store_write_batch_size_count 21",
+            "the first alone, the failed batch of 19, then each of the 19 alone"
+        );
+        task.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_batch_answers_every_write_in_it_with_the_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, mut other) = store(dir.path()).await;
         let (writes, task) = Writes::start(store.clone(), Metrics::new());
         hold_write_lock(&mut other).await;
         let first = ack(&writes, "i-0".into(), 1);
-        queued(&writes, 0).await;
+        queued(&writes, 1, 0).await;
         let rest: Vec<_> = (1..20).map(|i| ack(&writes, format!("i-{i}"), 1)).collect();
-        queued(&writes, 19).await;
+        queued(&writes, 1, 19).await;
         // Inside the held transaction: the table is gone when it commits.
         sqlx::Executor::execute(&mut other, "DROP TABLE acks")
             .await

@@ -490,6 +490,52 @@ pub enum InstanceWrite {
 }
 
 impl InstanceWrite {
+    pub fn connected(
+        instance: &str,
+        app: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        connection: &str,
+        node: &str,
+    ) -> InstanceWrite {
+        InstanceWrite::Connected {
+            instance: instance.into(),
+            app: app.map(Into::into),
+            labels: labels.clone(),
+            connection: connection.into(),
+            node: node.into(),
+        }
+    }
+
+    pub fn subscriptions(instance: &str, patterns: &[String]) -> InstanceWrite {
+        InstanceWrite::Subscriptions {
+            instance: instance.into(),
+            patterns: patterns.to_vec(),
+        }
+    }
+
+    pub fn disconnected(instance: &str, connection: &str) -> InstanceWrite {
+        InstanceWrite::Disconnected {
+            instance: instance.into(),
+            connection: connection.into(),
+        }
+    }
+
+    pub fn ack(
+        instance: &str,
+        topic: &str,
+        version: u64,
+        status: AckStatus,
+        error: Option<&str>,
+    ) -> InstanceWrite {
+        InstanceWrite::Ack {
+            instance: instance.into(),
+            topic: topic.into(),
+            version,
+            status,
+            error: error.map(Into::into),
+        }
+    }
+
     pub fn instance(&self) -> &str {
         match self {
             InstanceWrite::Connected { instance, .. }
@@ -564,13 +610,7 @@ pub trait Store: Send + Sync + 'static {
         connection: &str,
         node: &str,
     ) -> Result<(), StoreError> {
-        let write = InstanceWrite::Connected {
-            instance: instance.into(),
-            app: app.map(Into::into),
-            labels: labels.clone(),
-            connection: connection.into(),
-            node: node.into(),
-        };
+        let write = InstanceWrite::connected(instance, app, labels, connection, node);
         self.write_batch(&[write]).await.map(drop)
     }
     /// Records the patterns `instance` is subscribed to (a batch of one).
@@ -579,10 +619,7 @@ pub trait Store: Send + Sync + 'static {
         instance: &str,
         patterns: &[String],
     ) -> Result<(), StoreError> {
-        let write = InstanceWrite::Subscriptions {
-            instance: instance.into(),
-            patterns: patterns.to_vec(),
-        };
+        let write = InstanceWrite::subscriptions(instance, patterns);
         self.write_batch(&[write]).await.map(drop)
     }
     /// Marks `instance` disconnected unless a newer connection has taken it over (a batch of
@@ -592,10 +629,7 @@ pub trait Store: Send + Sync + 'static {
         instance: &str,
         connection: &str,
     ) -> Result<(), StoreError> {
-        let write = InstanceWrite::Disconnected {
-            instance: instance.into(),
-            connection: connection.into(),
-        };
+        let write = InstanceWrite::disconnected(instance, connection);
         self.write_batch(&[write]).await.map(drop)
     }
     async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError>;
@@ -626,13 +660,7 @@ pub trait Store: Send + Sync + 'static {
         status: AckStatus,
         error: Option<&str>,
     ) -> Result<Result<(), AckRejection>, StoreError> {
-        let write = InstanceWrite::Ack {
-            instance: instance.into(),
-            topic: topic.into(),
-            version,
-            status,
-            error: error.map(Into::into),
-        };
+        let write = InstanceWrite::ack(instance, topic, version, status, error);
         let mut answers = self.write_batch(&[write]).await?;
         answers
             .pop()
