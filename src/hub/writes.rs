@@ -73,6 +73,11 @@ impl Writes {
         (Writes { queue, taken }, WritesTask { closed, task })
     }
 
+    /// How many writes the task has taken from the queue since it started.
+    pub fn taken(&self) -> usize {
+        self.taken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Queues `write` and waits until its batch committed (or failed).
     pub async fn write(&self, write: InstanceWrite) -> Answer {
         let (answer, answered) = oneshot::channel();
@@ -271,9 +276,7 @@ mod tests {
     /// Waits until the task has taken `taken` writes and `n` more wait in the queue.
     async fn queued(writes: &Writes, taken: usize, n: usize) {
         tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while writes.taken.load(std::sync::atomic::Ordering::Relaxed) != taken
-                || writes.queue.capacity() != QUEUED - n
-            {
+            while writes.taken() != taken || writes.queue.capacity() != QUEUED - n {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
         })
