@@ -26,6 +26,8 @@
 #![forbid(unsafe_code)]
 
 pub mod protocol;
+#[cfg(feature = "server")]
+pub mod staging;
 
 #[cfg(feature = "client")]
 pub mod agent;
