@@ -488,6 +488,7 @@ fn topic_matching(c: &mut Criterion) {
         b.iter(|| {
             seq += 1;
             let frame = Arc::new(Frame {
+                audience: None,
                 seq,
                 topic: topic.clone(),
                 text: Utf8Bytes::from_static("{}"),
@@ -519,6 +520,7 @@ fn fan_out(c: &mut Criterion) {
             b.iter(|| {
                 seq += 1;
                 let frame = Arc::new(Frame {
+                    audience: None,
                     seq,
                     topic: "payments".into(),
                     text: Utf8Bytes::from_static("{}"),

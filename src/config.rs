@@ -52,6 +52,113 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub repos: Vec<RepoConfig>,
+    /// Progressive rollout policies (`[[rollouts]]`, CONFIGURATION.md section 14).
+    #[serde(default)]
+    pub rollouts: Vec<RolloutConfig>,
+}
+
+/// Most `[[rollouts]]` policies, and most stages in one.
+pub const MAX_ROLLOUT_POLICIES: usize = 64;
+pub const MAX_ROLLOUT_STAGES: usize = 16;
+
+/// One `[[rollouts]]` policy as written; [`Config::rollout_policies`] gives it validated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    pub name: String,
+    #[serde(default)]
+    pub topics: Vec<String>,
+    pub stages: Vec<String>,
+    #[serde(default = "default_bake_secs")]
+    pub bake_secs: u64,
+    #[serde(default = "default_promote_applied_percent")]
+    pub promote_applied_percent: u32,
+    #[serde(default)]
+    pub halt_failed_percent: u32,
+    #[serde(default)]
+    pub auto_revert: bool,
+    /// The policy, filled in by validation.
+    #[serde(skip)]
+    policy: Option<crate::staging::Policy>,
+}
+
+fn default_bake_secs() -> u64 {
+    60
+}
+
+fn default_promote_applied_percent() -> u32 {
+    100
+}
+
+impl RolloutConfig {
+    /// Checks the policy at `rollouts[i]` and keeps it, its stages parsed, ending with `all`.
+    fn validate(&mut self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("rollouts[{i}].{k}");
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !name_ok || self.name == crate::staging::IMMEDIATE {
+            return Err(ConfigError::key(
+                key("name"),
+                format!(
+                    "must be 1 to 64 of a-z, 0-9, `-`, `_`, and not `{}` (the trailer value that skips staging)",
+                    crate::staging::IMMEDIATE
+                ),
+            ));
+        }
+        for (j, pattern) in self.topics.iter().enumerate() {
+            crate::protocol::validate_pattern(pattern)
+                .map_err(|e| ConfigError::key(format!("rollouts[{i}].topics[{j}]"), e))?;
+        }
+        if self.stages.is_empty() || self.stages.len() > MAX_ROLLOUT_STAGES {
+            return Err(ConfigError::key(
+                key("stages"),
+                format!("give 1 to {MAX_ROLLOUT_STAGES} stages, such as [\"10%\", \"50%\"]"),
+            ));
+        }
+        let mut stages = Vec::with_capacity(self.stages.len() + 1);
+        for (j, text) in self.stages.iter().enumerate() {
+            let stage: crate::staging::Stage = text
+                .parse()
+                .map_err(|e: String| ConfigError::key(format!("rollouts[{i}].stages[{j}]"), e))?;
+            stages.push(stage);
+        }
+        let everyone = crate::staging::Stage::everyone();
+        if stages.last() != Some(&everyone) {
+            stages.push(everyone);
+        }
+        if self.bake_secs > 86_400 {
+            return Err(ConfigError::key(
+                key("bake_secs"),
+                "must be at most 86400 (a day)",
+            ));
+        }
+        if !(1..=100).contains(&self.promote_applied_percent) {
+            return Err(ConfigError::key(
+                key("promote_applied_percent"),
+                "must be 1 to 100",
+            ));
+        }
+        if self.halt_failed_percent > 100 {
+            return Err(ConfigError::key(
+                key("halt_failed_percent"),
+                "must be 0 (any failure halts) to 100",
+            ));
+        }
+        self.policy = Some(crate::staging::Policy {
+            name: self.name.clone(),
+            topics: self.topics.clone(),
+            stages,
+            bake_secs: self.bake_secs,
+            promote_applied_percent: self.promote_applied_percent,
+            halt_failed_percent: self.halt_failed_percent,
+            auto_revert: self.auto_revert,
+        });
+        Ok(())
+    }
 }
 
 /// Who may connect and what they may do. Every credential is given as a SHA-256 digest, an
@@ -832,6 +939,24 @@ impl Config {
                 ));
             }
         }
+        if self.rollouts.len() > MAX_ROLLOUT_POLICIES {
+            return Err(ConfigError::key(
+                "rollouts",
+                format!("at most {MAX_ROLLOUT_POLICIES} policies"),
+            ));
+        }
+        for i in 0..self.rollouts.len() {
+            self.rollouts[i].validate(i)?;
+            if self.rollouts[..i]
+                .iter()
+                .any(|r| r.name == self.rollouts[i].name)
+            {
+                return Err(ConfigError::key(
+                    format!("rollouts[{i}].name"),
+                    format!("`{}` names two policies", self.rollouts[i].name),
+                ));
+            }
+        }
         // Builds the checker once so a bad key fails here, at start, naming its key.
         crate::auth::Authenticator::new(&self.auth, self.server.client_token.as_ref())?;
         Ok(())
@@ -861,6 +986,14 @@ impl Config {
                 missing.join(" and ")
             )
         })
+    }
+
+    /// The `[[rollouts]]` policies, validated, in the order written.
+    pub fn rollout_policies(&self) -> Vec<crate::staging::Policy> {
+        self.rollouts
+            .iter()
+            .filter_map(|r| r.policy.clone())
+            .collect()
     }
 
     /// The store URL in force: the configured one or the SQLite file under `data_dir`.

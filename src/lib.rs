@@ -165,6 +165,12 @@ mod server {
         );
         tracker.spawn(metrics.clone().watch_rollouts(store.clone(), token.clone()));
         tracker.spawn(hub.rollouts.clone().run(store.clone(), token.clone()));
+        tracker.spawn(crate::hub::stages::decide(
+            store.clone(),
+            hub.clone(),
+            metrics.clone(),
+            token.clone(),
+        ));
         tracker.spawn(
             hub.clone()
                 .dispatch_commands(store.clone(), metrics.clone(), token.clone()),

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Protocol revision announced in `welcome`; bumped on an incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// WebSocket close codes confcast uses (4000-4999 is the application range).
 pub mod close {

@@ -247,6 +247,8 @@ pub struct Metrics {
     store: HistogramFamily<Static1>,
     write_batch: Histogram,
     commands: Family<Static1, Counter>,
+    rollouts: Family<Static1, Gauge>,
+    rollout_decisions: Family<Static1, Counter>,
     /// Topics with an `applied` ack since the convergence watcher last looked.
     acked_topics: Mutex<HashSet<String>>,
     acked: Notify,
@@ -347,6 +349,24 @@ impl Metrics {
             "Commands for one instance each, by outcome (delivered, done, failed, expired)",
             commands.clone(),
         );
+        let rollouts = Family::<Static1, Gauge>::default();
+        r.register(
+            "confcast_rollouts",
+            "Topics whose progressive rollout is active, by state (rolling, halted), as this replica last read them",
+            rollouts.clone(),
+        );
+        let rollout_decisions = Family::<Static1, Counter>::default();
+        r.register(
+            "confcast_rollout_decisions",
+            "Progressive rollout steps this replica made, by decision (promote, halt, abort; an operator's included)",
+            rollout_decisions.clone(),
+        );
+        for state in ["rolling", "halted"] {
+            rollouts.get_or_create_owned(&[("state", state)]);
+        }
+        for decision in ["promote", "halt", "abort"] {
+            rollout_decisions.get_or_create_owned(&[("decision", decision)]);
+        }
         let build = Family::<Static1, Gauge>::default();
         r.register(
             "confcast_build_info",
@@ -391,6 +411,8 @@ impl Metrics {
             store,
             write_batch,
             commands,
+            rollouts,
+            rollout_decisions,
             registry: r,
             acked_topics: Mutex::new(HashSet::new()),
             acked: Notify::new(),
@@ -496,6 +518,23 @@ impl Metrics {
         self.commands
             .get_or_create(&[("outcome", outcome.as_str())])
             .inc_by(n);
+    }
+
+    /// How many topics' rollouts are `rolling` and `halted`.
+    pub fn rollouts(&self, rolling: i64, halted: i64) {
+        self.rollouts
+            .get_or_create(&[("state", "rolling")])
+            .set(rolling);
+        self.rollouts
+            .get_or_create(&[("state", "halted")])
+            .set(halted);
+    }
+
+    /// This replica made a rollout step: `promote`, `halt` or `abort`.
+    pub fn rollout_decision(&self, decision: &'static str) {
+        self.rollout_decisions
+            .get_or_create(&[("decision", decision)])
+            .inc();
     }
 
     /// `n` connection writes were made in one transaction.

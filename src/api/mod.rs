@@ -64,12 +64,13 @@ fn routes(app: Option<AppState>) -> Routes {
         .add(Method::GET, "/api/v1/repos", Read, repos)
         .add(Method::GET, "/api/v1/events", Read, events::events)
         .add(Method::GET, "/metrics", Read, metrics::scrape)
-        // `{topic}/rollback` (POST) and `{topic}/pin` (PUT, DELETE): topics may contain `/`.
+        // `{topic}/rollback` and `{topic}/rollout/{promote|halt|abort}` (POST) and `{topic}/pin`
+        // (PUT, DELETE): topics may contain `/`.
         .add_layered(
             Method::POST,
             "/api/v1/topics/{*topic}",
             Admin,
-            topics::rollback,
+            topics::post,
             topic_body_limit,
         )
         .add_layered(
@@ -275,6 +276,7 @@ async fn topic(
         })
         .collect();
     let rollout = rollout(&app, &summary.topic, summary.version).await?;
+    let stages = topics::staging_view(&app, &summary.topic).await?;
     let rejected = app
         .store
         .rejections(&summary.repo)
@@ -294,6 +296,7 @@ async fn topic(
         "updated_at_ms": summary.updated_at_ms,
         "files": files,
         "rollout": rollout,
+        "stages": stages,
         "rejected": rejected,
         "pinned": pinned,
     })))

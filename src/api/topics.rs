@@ -37,6 +37,141 @@ struct PinBody {
     version: Option<u64>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutBody {
+    reason: String,
+}
+
+/// `POST /api/v1/topics/{topic}/rollback` and `POST /api/v1/topics/{topic}/rollout/{action}`.
+pub async fn post(
+    state: State<AppState>,
+    caller: Extension<Caller>,
+    Path(path): Path<String>,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    for action in ["promote", "halt", "abort"] {
+        if let Ok(name) = suffixed(&path, &format!("/rollout/{action}")) {
+            let name = name.to_string();
+            return rollout(state, caller, name, action, body).await;
+        }
+    }
+    rollback(state, caller, Path(path), body).await
+}
+
+/// An operator's override of a progressive rollout: `promote` widens it to its next stage now
+/// (also resuming a halted one), `halt` stops it widening, `abort` gives the stages reached the
+/// previous content back as a new version.
+async fn rollout(
+    State(app): State<AppState>,
+    Extension(Caller(caller)): Extension<Caller>,
+    name: String,
+    action: &str,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    use crate::hub::stages::{self, StageError};
+    let body: RolloutBody = parse(&body)?;
+    let reason = reason(&app, &body.reason)?;
+    let topic = existing(&app, &name).await?;
+    let refused = |e: StageError| match e {
+        StageError::NoRollout(_) | StageError::Moved(_) | StageError::LastStage { .. } => {
+            AppError::Conflict(e.to_string())
+        }
+        StageError::Store(e) => AppError::Store(e),
+    };
+    let staging = stages::active(app.store.as_ref(), &topic.topic)
+        .await
+        .map_err(refused)?;
+    app.audit(
+        &caller,
+        &format!("rollout_{action}"),
+        &topic.topic,
+        json!({"reason": reason, "version": staging.version, "stage": staging.stage + 1}),
+    )
+    .await?;
+    let why = format!("{action} by {caller}: {reason}");
+    match action {
+        "promote" => {
+            let instances = app.store.instances().await?;
+            stages::promote(app.store.as_ref(), &app.hub, &staging, &instances, why)
+                .await
+                .map_err(refused)?;
+        }
+        "halt" => {
+            let step = crate::store::StageStep::Halt { reason: why };
+            if !(app.store)
+                .stage_step(&staging.topic, staging.version, staging.stage, &step)
+                .await?
+            {
+                return Err(refused(StageError::Moved(staging.topic)));
+            }
+        }
+        _ => {
+            let _lock = lock(&app, &topic.repo).await?;
+            stages::abort(app.store.as_ref(), &app.hub, &topic.topic, &caller, &why)
+                .await
+                .map_err(refused)?;
+        }
+    }
+    app.metrics.rollout_decision(match action {
+        "promote" => "promote",
+        "halt" => "halt",
+        _ => "abort",
+    });
+    tracing::info!(topic = %topic.topic, action, by = %caller, "rollout override");
+    app.hub.rollouts.stir();
+    let view = staging_view(&app, &topic.topic).await?;
+    Ok(Json(json!({"topic": topic.topic, "stages": view})).into_response())
+}
+
+/// The topic's progressive rollout (active, or its last) as the API shows it, with the counts of
+/// its current stage; `null` when it never had one.
+pub async fn staging_view(app: &App, topic: &str) -> Result<serde_json::Value, AppError> {
+    let Some(staging) = app
+        .store
+        .stagings()
+        .await?
+        .into_iter()
+        .find(|s| s.topic == topic)
+    else {
+        return Ok(serde_json::Value::Null);
+    };
+    let instances = app.store.instances().await?;
+    let acks = app.store.acks().await?;
+    let latest = acks
+        .iter()
+        .filter(|a| a.topic == topic)
+        .map(|a| {
+            (
+                a.instance.as_str(),
+                (a.status, a.version, a.error.as_deref()),
+            )
+        })
+        .collect();
+    let tally = crate::hub::stages::tally(&staging, &instances, &latest);
+    let failed: Vec<serde_json::Value> = tally
+        .failed
+        .iter()
+        .map(|(instance, error)| json!({"instance": instance, "error": error}))
+        .collect();
+    Ok(json!({
+        "policy": staging.policy.name,
+        "state": staging.state,
+        "version": staging.version,
+        "base_version": staging.base_version,
+        "stage": staging.stage + 1,
+        "stages": staging.policy.stages.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "members": tally.members,
+        "applied": tally.applied,
+        "failed": failed,
+        "reason": staging.reason,
+        "started_at_ms": staging.started_at_ms,
+        "stage_started_at_ms": staging.stage_started_at_ms,
+        "updated_at_ms": staging.updated_at_ms,
+        "bake_secs": staging.policy.bake_secs,
+    }))
+}
+
 /// `POST /api/v1/topics/{topic}/rollback`.
 pub async fn rollback(
     State(app): State<AppState>,

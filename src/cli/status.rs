@@ -54,6 +54,10 @@ pub struct Row {
     /// `by: reason` when pinned.
     pub pinned: Option<String>,
     pub held: u64,
+    /// The progressive rollout, when the topic has an active one (or had one): `state stage/of
+    /// (stage text) applied/members`, and its reason.
+    pub stage: Option<String>,
+    pub stage_reason: Option<String>,
     /// Instances not on the current version: `id (state)`.
     pub waiting_for: Vec<String>,
 }
@@ -231,6 +235,25 @@ fn row(name: &str, topic: &Value) -> Row {
         ));
     }
     let pinned = &topic["pinned"];
+    let stages = &topic["stages"];
+    let stage = stages.is_object().then(|| {
+        let at = stages["stage"].as_u64().unwrap_or(0);
+        let all = stages["stages"].as_array().map_or(0, Vec::len);
+        let text = usize::try_from(at)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| stages["stages"].get(i))
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        format!(
+            "v{} {} {at}/{all} ({text}) {}/{}",
+            stages["version"].as_u64().unwrap_or(0),
+            stages["state"].as_str().unwrap_or("?"),
+            stages["applied"].as_u64().unwrap_or(0),
+            stages["members"].as_u64().unwrap_or(0),
+        )
+    });
+    let stage_reason = stages["reason"].as_str().map(str::to_string);
     Row {
         topic: name.to_string(),
         version: topic["version"].as_u64().unwrap_or(0),
@@ -253,6 +276,8 @@ fn row(name: &str, topic: &Value) -> Row {
             )
         }),
         held: pinned["held_total"].as_u64().unwrap_or(0),
+        stage,
+        stage_reason,
         waiting_for,
     }
 }
@@ -272,6 +297,7 @@ pub fn table(rows: &[Row], bars: bool) -> String {
         "OFFLINE",
         "CONVERGED",
         "PINNED",
+        "STAGES",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -291,6 +317,7 @@ pub fn table(rows: &[Row], bars: bool) -> String {
             r.offline.to_string(),
             if r.converged { "yes" } else { "no" }.into(),
             pinned,
+            r.stage.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     let columns = lines[0].len();
@@ -322,6 +349,15 @@ pub fn table(rows: &[Row], bars: bool) -> String {
             .unwrap_or(0);
         for r in rows {
             out.push_str(&format!("{:<name_width$}  {}\n", r.topic, bar(r)));
+        }
+    }
+    for r in rows {
+        if let (Some(stage), Some(reason)) = (&r.stage, &r.stage_reason) {
+            out.push_str(&format!(
+                "\n{}: rollout {stage}: {}\n",
+                r.topic,
+                clip(reason, 200)
+            ));
         }
     }
     let waiting: Vec<&Row> = rows.iter().filter(|r| !r.waiting_for.is_empty()).collect();

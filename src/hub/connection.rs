@@ -20,7 +20,7 @@ use super::subscriptions::Inbox;
 use super::Frame;
 use crate::app::{bearer, AppError, AppState, Peer};
 use crate::auth::InstanceGrant;
-use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage};
+use crate::protocol::{self, close, error_code, ClientMessage, ServerMessage, Snapshot};
 use crate::store::{AckRejection, CommandAckOutcome, LogBounds};
 use crate::telemetry::{Closed, Delivery, StoreCall, SubscribeMode};
 
@@ -584,7 +584,13 @@ impl Connection {
         let inbox = match &self.inbox {
             Some(inbox) => inbox.clone(),
             None => {
-                let (inbox, rx) = self.app.hub.subscriptions.inbox();
+                let member = self.identity.as_ref().map(|id| {
+                    Arc::new(crate::hub::subscriptions::Member {
+                        instance: id.instance.clone(),
+                        labels: id.labels.clone(),
+                    })
+                });
+                let (inbox, rx) = self.app.hub.subscriptions.inbox_for(member);
                 self.inbox = Some(inbox.clone());
                 self.live = Some(rx);
                 inbox
@@ -652,6 +658,46 @@ impl Connection {
         self.deliver_commands().await
     }
 
+    /// `snapshots`, read at log position `head`, as this instance is to run them: a topic in a
+    /// progressive rollout whose stages reached do not admit it is its base version (and is
+    /// left out when the topic had none).
+    async fn staged(
+        &mut self,
+        head: u64,
+        snapshots: Vec<Snapshot>,
+    ) -> Result<Vec<Snapshot>, crate::store::StoreError> {
+        let Some(id) = &self.identity else {
+            return Ok(snapshots);
+        };
+        let (fed, view) = self.app.hub.stagings();
+        // The hub's copy is good when it was read after the log reached `head`; otherwise the
+        // store's, read now, which is newer than `head` too.
+        let view = if fed >= head {
+            view
+        } else {
+            Arc::new(self.app.store.stagings().await?)
+        };
+        if view.iter().all(|st| !st.state.active()) {
+            return Ok(snapshots);
+        }
+        Ok(snapshots
+            .into_iter()
+            .filter_map(|s| {
+                match view
+                    .iter()
+                    .find(|st| st.topic == s.topic && st.state.active())
+                {
+                    Some(st)
+                        if s.version > st.base_version && !st.admits(&id.instance, &id.labels) =>
+                    {
+                        (st.base_version > 0).then(|| st.base_snapshot())
+                    }
+                    _ => Some(s),
+                }
+            })
+            .collect())
+    }
+
     /// Sends every matching topic's full state, then `subscribed`. Returns the seq it is valid at.
     async fn snapshot(
         &mut self,
@@ -667,6 +713,10 @@ impl Connection {
                 tracing::error!(error = %e, "snapshot read failed");
                 None
             })?;
+        let snapshots = self.staged(head, snapshots).await.map_err(|e| {
+            tracing::error!(error = %e, "rollout read failed");
+            None
+        })?;
         let sent = snapshots.len() as u64;
         for s in snapshots {
             self.send(&ServerMessage::Snapshot(s)).await.map_err(Some)?;
@@ -759,6 +809,7 @@ impl Connection {
             .time_store(StoreCall::Snapshots, store.snapshots(&unseen))
             .await)
             .map_err(fail)?;
+        let snapshots = self.staged(snapshot_at, snapshots).await.map_err(fail)?;
         let snapshotted: HashSet<String> = snapshots.iter().map(|s| s.topic.clone()).collect();
         let sent = snapshots.len() as u64;
         for s in snapshots {
@@ -780,7 +831,12 @@ impl Connection {
             for e in events {
                 upto = e.seq;
                 let covered = e.seq <= snapshot_at && snapshotted.contains(&e.topic);
-                if matches(&e.topic) && !covered {
+                let admitted = e.audience.as_ref().is_none_or(|a| {
+                    self.identity
+                        .as_ref()
+                        .is_some_and(|id| a.admits(&e.topic, &id.instance, &id.labels))
+                });
+                if matches(&e.topic) && !covered && admitted {
                     self.write(Message::Text(e.frame.into()))
                         .await
                         .map_err(Some)?;

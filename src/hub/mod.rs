@@ -10,6 +10,7 @@
 pub mod commands;
 pub mod connection;
 pub mod rollouts;
+pub mod stages;
 pub mod subscriptions;
 pub mod writes;
 
@@ -30,6 +31,8 @@ pub struct Frame {
     pub seq: u64,
     pub topic: String,
     pub text: Utf8Bytes,
+    /// Only for the instances it admits (a progressive rollout's stages); `None`: everyone.
+    pub audience: Option<Arc<crate::staging::Audience>>,
 }
 
 struct Holder {
@@ -53,6 +56,9 @@ pub struct Hub {
     commands: tokio::sync::watch::Sender<Arc<Vec<commands::Dispatched>>>,
     /// Wakes the command dispatcher.
     command_wake: Notify,
+    /// Every topic's progressive rollout as read after the log was fed up to the seq kept with
+    /// it: what snapshots use instead of reading the store when that seq covers their read.
+    stagings: Mutex<(u64, Arc<Vec<crate::store::Staging>>)>,
 }
 
 impl Hub {
@@ -66,7 +72,33 @@ impl Hub {
             rollouts: rollouts::Rollouts::new(),
             commands: tokio::sync::watch::Sender::new(Arc::new(Vec::new())),
             command_wake: Notify::new(),
+            stagings: Mutex::new((0, Arc::new(Vec::new()))),
         })
+    }
+
+    /// The rollouts as read after the log was fed up to the returned seq.
+    pub fn stagings(&self) -> (u64, Arc<Vec<crate::store::Staging>>) {
+        match self.stagings.lock() {
+            Ok(held) => (held.0, held.1.clone()),
+            Err(_) => (0, Arc::new(Vec::new())),
+        }
+    }
+
+    /// Reads the rollouts again: the log has been fed up to `fed`.
+    async fn refresh_stagings(&self, store: &dyn Store, metrics: &Metrics, fed: u64) {
+        match store.stagings().await {
+            Ok(read) => {
+                let count = |state| read.iter().filter(|s| s.state == state).count() as i64;
+                metrics.rollouts(
+                    count(crate::store::StagingState::Rolling),
+                    count(crate::store::StagingState::Halted),
+                );
+                if let Ok(mut held) = self.stagings.lock() {
+                    *held = (fed, Arc::new(read));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the rollouts"),
+        }
     }
 
     /// Tells the feeder the log has grown.
@@ -93,6 +125,7 @@ impl Hub {
                 0
             }
         };
+        self.refresh_stagings(store.as_ref(), &metrics, sent).await;
         loop {
             loop {
                 let read = store.events_after(sent, 512);
@@ -106,8 +139,11 @@ impl Hub {
                                 seq: e.seq,
                                 topic: e.topic,
                                 text: Utf8Bytes::from(e.frame),
+                                audience: e.audience,
                             }));
                         }
+                        // Every change of who runs what comes with a logged change.
+                        self.refresh_stagings(store.as_ref(), &metrics, sent).await;
                         // A new version changes every rollout of its topic.
                         self.rollouts.stir();
                     }

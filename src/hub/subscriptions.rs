@@ -26,6 +26,15 @@ pub struct Inbox {
     queued: AtomicU64,
     /// Set when the queue was full: the connection is cut off instead of skipping a change.
     lagged: AtomicBool,
+    /// Its instance, for changes a progressive rollout gives only to some (`Frame::audience`).
+    member: Option<Arc<Member>>,
+}
+
+/// Who an inbox delivers to, as a rollout's stages see it.
+#[derive(Debug)]
+pub struct Member {
+    pub instance: String,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Inbox {
@@ -152,12 +161,22 @@ impl Subscriptions {
 
     /// A new, empty inbox and the receiving end a connection reads.
     pub fn inbox(&self) -> (Arc<Inbox>, mpsc::Receiver<Arc<Frame>>) {
+        self.inbox_for(None)
+    }
+
+    /// An inbox for `member`: changes with an audience are queued only if it admits `member`
+    /// (an inbox without one gets none of them).
+    pub fn inbox_for(
+        &self,
+        member: Option<Arc<Member>>,
+    ) -> (Arc<Inbox>, mpsc::Receiver<Arc<Frame>>) {
         let (tx, rx) = mpsc::channel(self.capacity);
         let inbox = Inbox {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             tx,
             queued: AtomicU64::new(0),
             lagged: AtomicBool::new(false),
+            member,
         };
         (Arc::new(inbox), rx)
     }
@@ -192,6 +211,15 @@ impl Subscriptions {
         let mut index = self.lock();
         for bucket in index.matching(&frame.topic) {
             for inbox in bucket.values() {
+                if let Some(audience) = &frame.audience {
+                    let admitted = inbox
+                        .member
+                        .as_ref()
+                        .is_some_and(|m| audience.admits(&frame.topic, &m.instance, &m.labels));
+                    if !admitted {
+                        continue;
+                    }
+                }
                 // Frames come in seq order: a lower mark means not queued yet for this change.
                 if inbox.queued.fetch_max(frame.seq, Ordering::Relaxed) >= frame.seq {
                     continue;
@@ -236,6 +264,7 @@ mod tests {
 
     fn frame(seq: u64, topic: &str) -> Arc<Frame> {
         Arc::new(Frame {
+            audience: None,
             seq,
             topic: topic.into(),
             text: Utf8Bytes::from(format!("{seq}")),

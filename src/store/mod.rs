@@ -18,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::protocol::{AckStatus, Change, FileChange, FileStatus, Snapshot};
+use crate::protocol::{AckStatus, Change, FileChange, FileStatus, Snapshot, SnapshotFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,6 +70,124 @@ pub struct SyncOutcome {
     /// Topics whose whole git state this sync compared with their stored files: their
     /// [`Resync`] marks are cleared with the publish.
     pub resynced: Vec<String>,
+    /// Topics whose change rolls out in stages (the policy chosen and the first stage's cut).
+    /// A topic with an active rollout keeps it: the change joins it at its current stage.
+    pub rollouts: BTreeMap<String, RolloutStart>,
+    /// How the active rollout of a topic changed here without a [`RolloutStart`] ends (default:
+    /// superseded), and why.
+    pub ends: BTreeMap<String, (StagingState, String)>,
+}
+
+/// How a topic's change starts a progressive rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutStart {
+    pub policy: crate::staging::Policy,
+    /// Who the first stage admits.
+    pub cut: crate::staging::Cut,
+}
+
+/// Where a progressive rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StagingState {
+    /// Widening stage by stage as the acks allow.
+    Rolling,
+    /// Stopped widening (failed acks, or an operator); the stages reached keep the version.
+    Halted,
+    /// Every instance has the version.
+    Completed,
+    /// An operator (or `auto_revert`) gave the stages reached the previous content back.
+    Aborted,
+    /// A later change ended it (one rolled out at once, or a rollback).
+    Superseded,
+}
+
+impl StagingState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StagingState::Rolling => "rolling",
+            StagingState::Halted => "halted",
+            StagingState::Completed => "completed",
+            StagingState::Aborted => "aborted",
+            StagingState::Superseded => "superseded",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<StagingState> {
+        [
+            StagingState::Rolling,
+            StagingState::Halted,
+            StagingState::Completed,
+            StagingState::Aborted,
+            StagingState::Superseded,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    /// Rolling or halted: delivery still follows the stages.
+    pub fn active(self) -> bool {
+        matches!(self, StagingState::Rolling | StagingState::Halted)
+    }
+}
+
+/// A topic's progressive rollout, active or the last one it had.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Staging {
+    pub topic: String,
+    pub repo: String,
+    pub state: StagingState,
+    /// The version rolling out.
+    pub version: u64,
+    /// The version every instance outside the stages reached keeps.
+    pub base_version: u64,
+    /// The log position of the base version's change.
+    pub base_seq: u64,
+    #[serde(skip)]
+    pub base_commit: String,
+    /// The base version's files, as a snapshot sends them.
+    #[serde(skip)]
+    pub base_files: Vec<SnapshotFile>,
+    pub policy: crate::staging::Policy,
+    /// The index of the current stage in `policy.stages`.
+    pub stage: usize,
+    /// Who each stage reached admits, fixed when it started.
+    pub cuts: Vec<crate::staging::Cut>,
+    pub started_at_ms: i64,
+    pub stage_started_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Why it is where it is: the last promotion, halt or end, in words.
+    pub reason: String,
+}
+
+impl Staging {
+    /// Whether `instance` (with `labels`) is in the stages reached.
+    pub fn admits(&self, instance: &str, labels: &BTreeMap<String, String>) -> bool {
+        crate::staging::admitted(&self.cuts, &self.topic, instance, labels)
+    }
+
+    /// The base version as a snapshot: what an instance outside the stages runs.
+    pub fn base_snapshot(&self) -> Snapshot {
+        Snapshot {
+            topic: self.topic.clone(),
+            version: self.base_version,
+            seq: self.base_seq,
+            commit: self.base_commit.clone(),
+            files: self.base_files.clone(),
+        }
+    }
+}
+
+/// One decision on an active rollout, made only if it is still at `version` and `stage`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageStep {
+    /// Widens to the next stage, admitting `cut` too; a cut admitting everyone completes it.
+    Promote {
+        cut: crate::staging::Cut,
+        reason: String,
+    },
+    /// Stops widening.
+    Halt { reason: String },
 }
 
 /// What a rollback change restores and why, recorded with it in the log.
@@ -178,6 +296,8 @@ pub struct LoggedEvent {
     pub seq: u64,
     pub topic: String,
     pub frame: String,
+    /// Who it is for, when a progressive rollout limits it to the stages reached.
+    pub audience: Option<Arc<crate::staging::Audience>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -215,6 +335,55 @@ pub struct HistoryFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_path: Option<String>,
     pub sha: String,
+}
+
+impl HistoryFile {
+    pub fn of(f: &FileChange) -> HistoryFile {
+        HistoryFile {
+            path: f.path.clone(),
+            status: f.status,
+            old_path: f.old_path.clone(),
+            sha: f.sha.clone(),
+        }
+    }
+}
+
+/// The files of a change that takes a topic from `from` to `to` (both in path order): added,
+/// modified and deleted, never renamed. Empty when they hold the same files.
+pub fn jump_files(from: &[SnapshotFile], to: &[SnapshotFile]) -> Vec<FileChange> {
+    let before: BTreeMap<&str, &SnapshotFile> = from.iter().map(|f| (f.path.as_str(), f)).collect();
+    let after: BTreeMap<&str, &SnapshotFile> = to.iter().map(|f| (f.path.as_str(), f)).collect();
+    let mut files = Vec::new();
+    for path in before
+        .keys()
+        .chain(after.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        match (before.get(path), after.get(path)) {
+            (Some(old), None) => files.push(FileChange {
+                path: old.path.clone(),
+                status: FileStatus::Deleted,
+                old_path: None,
+                sha: old.sha.clone(),
+                content: None,
+                encoding: Default::default(),
+            }),
+            (old, Some(new)) if old.is_none_or(|o| o.sha != new.sha) => files.push(FileChange {
+                path: new.path.clone(),
+                status: if old.is_some() {
+                    FileStatus::Modified
+                } else {
+                    FileStatus::Added
+                },
+                old_path: None,
+                sha: new.sha.clone(),
+                content: Some(new.content.clone()),
+                encoding: new.encoding,
+            }),
+            _ => {}
+        }
+    }
+    files
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -707,6 +876,19 @@ pub trait Store: Send + Sync + 'static {
     /// The change that made `version` of `topic`, with its files' content, if still logged.
     async fn change_at(&self, topic: &str, version: u64) -> Result<Option<Change>, StoreError>;
 
+    /// Every topic's progressive rollout, active or its last, by topic.
+    async fn stagings(&self) -> Result<Vec<Staging>, StoreError>;
+    /// Makes `step` on `topic`'s rollout if it is still active at `version` and `stage`; a
+    /// promotion logs, in the same transaction, the change from the base version to `version`
+    /// for the stages now reached. `false` when the rollout had moved on (nothing done).
+    async fn stage_step(
+        &self,
+        topic: &str,
+        version: u64,
+        stage: usize,
+        step: &StageStep,
+    ) -> Result<bool, StoreError>;
+
     /// Every pin, by topic.
     async fn pins(&self) -> Result<Vec<Pin>, StoreError>;
     /// Pins a topic; `false` when it is already pinned (the existing pin stays).
@@ -875,8 +1057,36 @@ pub fn new_epoch_id() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{converged, in_rollout, Standing};
-    use crate::protocol::AckStatus;
+    use super::{converged, in_rollout, jump_files, Standing};
+    use crate::protocol::{AckStatus, FileStatus, SnapshotFile};
+
+    fn file(path: &str, sha: &str) -> SnapshotFile {
+        SnapshotFile {
+            path: path.into(),
+            sha: sha.into(),
+            content: format!("content {sha}"),
+            encoding: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_jump_adds_modifies_and_deletes_what_differs_and_nothing_else() {
+        let from = [file("a", "1"), file("b", "2"), file("c", "3")];
+        let to = [file("b", "2"), file("c", "4"), file("d", "5")];
+        let jump: Vec<(String, FileStatus, Option<String>)> = jump_files(&from, &to)
+            .into_iter()
+            .map(|f| (f.path, f.status, f.content))
+            .collect();
+        assert_eq!(
+            jump,
+            [
+                ("a".into(), FileStatus::Deleted, None),
+                ("c".into(), FileStatus::Modified, Some("content 4".into())),
+                ("d".into(), FileStatus::Added, Some("content 5".into())),
+            ]
+        );
+        assert!(jump_files(&to, &to).is_empty(), "the same files: nothing");
+    }
 
     #[test]
     fn the_rollout_rule_is_the_latest_ack_against_the_current_version() {

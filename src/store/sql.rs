@@ -30,11 +30,13 @@ use super::{
     AuditRecord, CommandAckOutcome, CommandCounts, CommandInstance, CommandRecord, CommandRefusal,
     FileBefore, HeldChange, HistoryEntry, HistoryFile, InstanceFilter, InstanceRecord,
     InstanceWrite, LogBounds, LogEntry, LoggedChange, LoggedEvent, NewCommand, Pin, Rejection,
-    RepoLock, RepoRecord, Resync, Store, StoreError, SubscriberGroup, SyncOutcome, TopicSummary,
+    RepoLock, RepoRecord, Resync, StageStep, Staging, StagingState, Store, StoreError,
+    SubscriberGroup, SyncOutcome, TopicSummary,
 };
 use crate::protocol::{
     AckStatus, Change, CommandStatus, FileStatus, ServerMessage, Snapshot, SnapshotFile,
 };
+use crate::staging::Audience;
 
 /// How many webhook delivery ids are remembered for redelivery detection.
 const DELIVERIES_KEPT: i64 = 10_000;
@@ -144,6 +146,19 @@ CREATE TABLE resyncs (
     // subscribe, so it cannot say "connected since".
     r#"
 ALTER TABLE instances ADD COLUMN connected_at {int};
+"#,
+    // Progressive rollouts (see `Store::stagings`): who a logged change is for (`audience`, NULL
+    // for everyone), whether it re-sends a version already logged for the stages a promotion
+    // reached (`reissue`), and each topic's rollout, active or its last.
+    r#"
+ALTER TABLE events ADD COLUMN audience TEXT;
+ALTER TABLE events ADD COLUMN reissue {bool} NOT NULL DEFAULT false;
+CREATE TABLE stagings (
+    topic TEXT PRIMARY KEY, repo TEXT NOT NULL, state TEXT NOT NULL, version {int} NOT NULL,
+    base_version {int} NOT NULL, base_seq {int} NOT NULL, base_commit TEXT NOT NULL,
+    base_files TEXT NOT NULL, policy TEXT NOT NULL, stage {int} NOT NULL, cuts TEXT NOT NULL,
+    started_at {int} NOT NULL, stage_started_at {int} NOT NULL, updated_at {int} NOT NULL,
+    reason TEXT NOT NULL);
 "#,
 ];
 
@@ -323,6 +338,67 @@ fn like_anywhere(text: &str) -> String {
     pattern
 }
 
+fn audience_of(json: &str) -> Result<Arc<Audience>, StoreError> {
+    serde_json::from_str(json)
+        .map(Arc::new)
+        .map_err(|e| StoreError::Corrupt(format!("logged audience: {e}")))
+}
+
+const STAGING_COLUMNS: &str = "topic, repo, state, version, base_version, base_seq, base_commit,
+    base_files, policy, stage, cuts, started_at, stage_started_at, updated_at, reason";
+
+fn staging_record<R: Row>(r: &R) -> Result<Staging, StoreError>
+where
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    let corrupt =
+        |what: &str, e: serde_json::Error| StoreError::Corrupt(format!("rollout {what}: {e}"));
+    let state: &str = r.try_get("state")?;
+    Ok(Staging {
+        topic: r.try_get("topic")?,
+        repo: r.try_get("repo")?,
+        state: StagingState::parse(state)
+            .ok_or_else(|| StoreError::Corrupt(format!("rollout state `{state}`")))?,
+        version: u64_at(r, "version")?,
+        base_version: u64_at(r, "base_version")?,
+        base_seq: u64_at(r, "base_seq")?,
+        base_commit: r.try_get("base_commit")?,
+        base_files: serde_json::from_str(r.try_get("base_files")?)
+            .map_err(|e| corrupt("base files", e))?,
+        policy: serde_json::from_str(r.try_get("policy")?).map_err(|e| corrupt("policy", e))?,
+        stage: usize::try_from(u64_at(r, "stage")?).unwrap_or(usize::MAX),
+        cuts: serde_json::from_str(r.try_get("cuts")?).map_err(|e| corrupt("cuts", e))?,
+        started_at_ms: r.try_get("started_at")?,
+        stage_started_at_ms: r.try_get("stage_started_at")?,
+        updated_at_ms: r.try_get("updated_at")?,
+        reason: r.try_get("reason")?,
+    })
+}
+
+/// `files` (a topic's stored rows) as a snapshot sends them, in path order.
+fn snapshot_files<R: Row>(rows: &[R]) -> Result<Vec<SnapshotFile>, StoreError>
+where
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r [u8]: Decode<'r, R::Database> + Type<R::Database>,
+    for<'a> &'a str: ColumnIndex<R>,
+{
+    rows.iter()
+        .map(|f| {
+            let (content, encoding) =
+                crate::protocol::encode_content(f.try_get::<&[u8], _>("content")?);
+            Ok(SnapshotFile {
+                path: f.try_get("path")?,
+                sha: f.try_get("sha")?,
+                content,
+                encoding,
+            })
+        })
+        .collect()
+}
+
 /// The change in a logged `change` frame.
 fn change_of(frame: &str) -> Result<Change, StoreError> {
     match serde_json::from_str(frame) {
@@ -444,6 +520,202 @@ where
     })
 }
 
+/// The progressive-rollout steps of a publish and of a promotion, inside their transactions.
+impl<B> SqlStore<B>
+where
+    B: Backend,
+    for<'c> &'c mut <B::Db as Database>::Connection: Executor<'c, Database = B::Db>,
+    for<'q> <B::Db as Database>::Arguments<'q>: IntoArguments<'q, B::Db>,
+    for<'q> &'q str: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> String: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> &'q [u8]: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> i64: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> bool: Encode<'q, B::Db> + Type<B::Db>,
+    for<'q> Option<&'q str>: Encode<'q, B::Db>,
+    for<'q> Option<i64>: Encode<'q, B::Db>,
+    for<'r> String: Decode<'r, B::Db>,
+    for<'r> &'r str: Decode<'r, B::Db>,
+    for<'r> &'r [u8]: Decode<'r, B::Db>,
+    for<'r> i64: Decode<'r, B::Db>,
+    for<'r> bool: Decode<'r, B::Db>,
+    for<'a> &'a str: ColumnIndex<<B::Db as Database>::Row>,
+    <B::Db as Database>::QueryResult: RowsAffected,
+{
+    /// What a topic's change being published does to its rollout: returns the change's audience
+    /// (as stored), and adds to `jumps` a rollout the change ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn stage_publish(
+        &self,
+        tx: &mut Transaction<'static, B::Db>,
+        outcome: &SyncOutcome,
+        topic: &str,
+        (previous_version, previous_seq, previous_commit): (u64, u64, &str),
+        version: u64,
+        now: i64,
+        jumps: &mut Vec<Staging>,
+    ) -> Result<Option<String>, StoreError> {
+        let active = sqlx::query(&format!(
+            "SELECT {STAGING_COLUMNS} FROM stagings WHERE topic = $1 AND state IN ('rolling', 'halted')"
+        ))
+        .bind(topic)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let active = active.map(|r| staging_record(&r)).transpose()?;
+        let start = outcome.rollouts.get(topic);
+        match (active, start) {
+            (Some(staging), Some(_)) if outcome.rollback.is_none() => {
+                // The change joins the rollout where it is: the stages reached get it now.
+                let reason = format!(
+                    "v{version} superseded v{} at stage {} of {}; the stage starts again",
+                    staging.version,
+                    staging.stage + 1,
+                    staging.policy.stages.len()
+                );
+                sqlx::query(
+                    "UPDATE stagings SET version = $2, state = 'rolling', stage_started_at = $3,
+                       updated_at = $3, reason = $4 WHERE topic = $1",
+                )
+                .bind(topic)
+                .bind(to_i64(version))
+                .bind(now)
+                .bind(reason)
+                .execute(&mut **tx)
+                .await?;
+                Ok(Some(to_json(&Audience { cuts: staging.cuts })?))
+            }
+            (Some(staging), _) => {
+                let (state, reason) = outcome.ends.get(topic).cloned().unwrap_or((
+                    StagingState::Superseded,
+                    format!("v{version} went to every instance at once"),
+                ));
+                sqlx::query(
+                    "UPDATE stagings SET version = $2, state = $3, updated_at = $4, reason = $5
+                     WHERE topic = $1",
+                )
+                .bind(topic)
+                .bind(to_i64(version))
+                .bind(state.as_str())
+                .bind(now)
+                .bind(reason)
+                .execute(&mut **tx)
+                .await?;
+                let audience = to_json(&Audience {
+                    cuts: staging.cuts.clone(),
+                })?;
+                jumps.push(staging);
+                Ok(Some(audience))
+            }
+            (None, Some(start)) if previous_version > 0 && !start.cut.everyone() => {
+                // The files everyone outside the first stage keeps, read before the change
+                // replaces them.
+                let rows = sqlx::query(
+                    "SELECT path, sha, content FROM topic_files WHERE topic = $1 ORDER BY path",
+                )
+                .bind(topic)
+                .fetch_all(&mut **tx)
+                .await?;
+                let base_files = snapshot_files(&rows)?;
+                let stages = start.policy.stages.len();
+                let reason = format!(
+                    "stage 1 of {stages} ({}) started",
+                    start
+                        .policy
+                        .stages
+                        .first()
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                );
+                let cuts = vec![start.cut.clone()];
+                sqlx::query(&format!(
+                    "INSERT INTO stagings ({STAGING_COLUMNS})
+                     VALUES ($1, $2, 'rolling', $3, $4, $5, $6, $7, $8, 0, $9, $10, $10, $10, $11)
+                     ON CONFLICT (topic) DO UPDATE SET repo = excluded.repo, state = excluded.state,
+                       version = excluded.version, base_version = excluded.base_version,
+                       base_seq = excluded.base_seq, base_commit = excluded.base_commit,
+                       base_files = excluded.base_files, policy = excluded.policy,
+                       stage = excluded.stage, cuts = excluded.cuts, started_at = excluded.started_at,
+                       stage_started_at = excluded.stage_started_at,
+                       updated_at = excluded.updated_at, reason = excluded.reason"
+                ))
+                .bind(topic)
+                .bind(outcome.repo.as_str())
+                .bind(to_i64(version))
+                .bind(to_i64(previous_version))
+                .bind(to_i64(previous_seq))
+                .bind(previous_commit)
+                .bind(to_json(&base_files)?)
+                .bind(to_json(&start.policy)?)
+                .bind(to_json(&cuts)?)
+                .bind(now)
+                .bind(reason)
+                .execute(&mut **tx)
+                .await?;
+                Ok(Some(to_json(&Audience { cuts })?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Logs, at the next seq, the change from `staging`'s base version to the topic's current
+    /// state, for `audience` (everyone when `None`): how instances outside the stages reached
+    /// (or newly reached) get the version. Returns its seq.
+    async fn log_jump(
+        &self,
+        tx: &mut Transaction<'static, B::Db>,
+        staging: &Staging,
+        audience: Option<&Audience>,
+        author: &str,
+        message: &str,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let head_row = sqlx::query("UPDATE log_head SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+            .fetch_one(&mut **tx)
+            .await?;
+        let seq = u64_at(&head_row, "seq")?;
+        let topic = staging.topic.as_str();
+        let row = sqlx::query("SELECT repo, version, commit_id FROM topics WHERE name = $1")
+            .bind(topic)
+            .fetch_one(&mut **tx)
+            .await?;
+        let repo: String = row.try_get("repo")?;
+        let rows = sqlx::query(
+            "SELECT path, sha, content FROM topic_files WHERE topic = $1 ORDER BY path",
+        )
+        .bind(topic)
+        .fetch_all(&mut **tx)
+        .await?;
+        let change = Change {
+            seq,
+            topic: topic.to_string(),
+            version: u64_at(&row, "version")?,
+            previous_version: staging.base_version,
+            commit: row.try_get("commit_id")?,
+            author: author.to_string(),
+            message: message.to_string(),
+            files: super::jump_files(&staging.base_files, &snapshot_files(&rows)?),
+        };
+        let files: Vec<HistoryFile> = change.files.iter().map(HistoryFile::of).collect();
+        sqlx::query(
+            "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame, audience, reissue)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, true)",
+        )
+        .bind(to_i64(seq))
+        .bind(topic)
+        .bind(to_i64(change.version))
+        .bind(repo)
+        .bind(change.commit.as_str())
+        .bind(author)
+        .bind(message)
+        .bind(to_json(&files)?)
+        .bind(now)
+        .bind(to_json(&ServerMessage::Change(change.clone()))?)
+        .bind(audience.map(to_json).transpose()?.as_deref())
+        .execute(&mut **tx)
+        .await?;
+        Ok(seq)
+    }
+}
+
 // The bounds below say "the driver can run these queries and bind and read these Rust types";
 // both drivers meet them.
 #[async_trait]
@@ -524,16 +796,24 @@ where
             }
             let rollback = outcome.rollback.as_ref().map(to_json).transpose()?;
             let mut changes = Vec::with_capacity(outcome.topics.len());
+            // Rollouts this publish ended: everyone outside their stages moves from the base
+            // version to the new one, logged after every topic's change.
+            let mut jumps: Vec<Staging> = Vec::new();
             for tc in &outcome.topics {
                 // Consistent without a lock of its own: only publishers write topics, and they are
                 // serialized by the log head above.
-                let previous = sqlx::query("SELECT version FROM topics WHERE name = $1")
-                    .bind(tc.topic.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let previous_version = match previous {
-                    None => 0,
-                    Some(row) => u64_at(&row, "version")?,
+                let previous =
+                    sqlx::query("SELECT version, seq, commit_id FROM topics WHERE name = $1")
+                        .bind(tc.topic.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let (previous_version, previous_seq, previous_commit) = match &previous {
+                    None => (0, 0, String::new()),
+                    Some(row) => (
+                        u64_at(row, "version")?,
+                        u64_at(row, "seq")?,
+                        row.try_get("commit_id")?,
+                    ),
                 };
                 seq += 1;
                 let LogEntry {
@@ -541,9 +821,20 @@ where
                     frame,
                     files,
                 } = log_entry(outcome, tc, seq, previous_version)?;
+                let audience = self
+                    .stage_publish(
+                        &mut tx,
+                        outcome,
+                        &tc.topic,
+                        (previous_version, previous_seq, &previous_commit),
+                        change.version,
+                        now,
+                        &mut jumps,
+                    )
+                    .await?;
                 sqlx::query(
-                    "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame, rollback)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    "INSERT INTO events (seq, topic, version, repo, commit_id, author, message, files, created_at, frame, rollback, audience)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 )
                 .bind(to_i64(seq))
                 .bind(tc.topic.as_str())
@@ -556,6 +847,7 @@ where
                 .bind(now)
                 .bind(frame)
                 .bind(rollback.as_deref())
+                .bind(audience.as_deref())
                 .execute(&mut *tx)
                 .await?;
                 if outcome.rollback.is_some() {
@@ -666,6 +958,19 @@ where
                 .execute(&mut *tx)
                 .await?;
             }
+            let mut head = head;
+            for staging in &jumps {
+                head = self
+                    .log_jump(
+                        &mut tx,
+                        staging,
+                        None,
+                        &outcome.author,
+                        &outcome.message,
+                        now,
+                    )
+                    .await?;
+            }
             if count > 0 {
                 self.backend.published(&mut tx, head).await?;
             }
@@ -678,7 +983,7 @@ where
 
     async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<LoggedEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, topic, frame FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            "SELECT seq, topic, frame, audience FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(to_i64(after))
         .bind(i64::from(limit))
@@ -686,10 +991,12 @@ where
         .await?;
         rows.iter()
             .map(|r| {
+                let audience: Option<&str> = r.try_get("audience")?;
                 Ok(LoggedEvent {
                     seq: u64_at(r, "seq")?,
                     topic: r.try_get("topic")?,
                     frame: r.try_get("frame")?,
+                    audience: audience.map(audience_of).transpose()?,
                 })
             })
             .collect()
@@ -837,7 +1144,7 @@ where
     ) -> Result<Vec<HistoryEntry>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, version, commit_id, author, message, files, created_at, rollback FROM events
-             WHERE topic = $1 ORDER BY seq DESC LIMIT $2",
+             WHERE topic = $1 AND reissue = false ORDER BY seq DESC LIMIT $2",
         )
         .bind(topic)
         .bind(i64::from(limit))
@@ -1241,7 +1548,7 @@ where
         version: u64,
     ) -> Result<Option<LoggedChange>, StoreError> {
         let row =
-            sqlx::query("SELECT frame, created_at FROM events WHERE topic = $1 AND version = $2")
+            sqlx::query("SELECT frame, created_at FROM events WHERE topic = $1 AND version = $2 AND reissue = false")
                 .bind(topic)
                 .bind(to_i64(version))
                 .fetch_optional(&self.pool)
@@ -1268,7 +1575,7 @@ where
         for _ in 0..FILE_BEFORE_ROUNDS {
             let rows = sqlx::query(
                 "SELECT version, frame FROM events
-                 WHERE topic = $1 AND version < $2 AND files LIKE $3 ESCAPE '\\'
+                 WHERE topic = $1 AND version < $2 AND reissue = false AND files LIKE $3 ESCAPE '\\'
                  ORDER BY version DESC LIMIT $4",
             )
             .bind(topic)
@@ -1322,12 +1629,105 @@ where
         Ok(removed)
     }
 
-    async fn change_at(&self, topic: &str, version: u64) -> Result<Option<Change>, StoreError> {
-        let row = sqlx::query("SELECT frame FROM events WHERE topic = $1 AND version = $2")
-            .bind(topic)
-            .bind(to_i64(version))
-            .fetch_optional(&self.pool)
+    async fn stagings(&self) -> Result<Vec<Staging>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {STAGING_COLUMNS} FROM stagings ORDER BY topic"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(staging_record).collect()
+    }
+
+    async fn stage_step(
+        &self,
+        topic: &str,
+        version: u64,
+        stage: usize,
+        step: &StageStep,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The log head's lock first, as every publisher takes it: a promotion appends to the
+        // log, and the same lock order cannot deadlock.
+        sqlx::query("UPDATE log_head SET seq = seq WHERE id = 1")
+            .execute(&mut *tx)
             .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {STAGING_COLUMNS} FROM stagings WHERE topic = $1 AND version = $2
+               AND stage = $3 AND state IN ('rolling', 'halted')"
+        ))
+        .bind(topic)
+        .bind(to_i64(version))
+        .bind(to_i64(stage as u64))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let staging = staging_record(&row)?;
+        let now = now_ms();
+        match step {
+            StageStep::Promote { cut, reason } => {
+                // The last stage of a policy admits everyone (`staging::Policy`).
+                let completes = cut.everyone();
+                let mut cuts = staging.cuts.clone();
+                cuts.push(cut.clone());
+                let state = if completes {
+                    StagingState::Completed
+                } else {
+                    StagingState::Rolling
+                };
+                sqlx::query(
+                    "UPDATE stagings SET stage = stage + 1, cuts = $2, state = $3,
+                       stage_started_at = $4, updated_at = $4, reason = $5 WHERE topic = $1",
+                )
+                .bind(topic)
+                .bind(to_json(&cuts)?)
+                .bind(state.as_str())
+                .bind(now)
+                .bind(reason.as_str())
+                .execute(&mut *tx)
+                .await?;
+                let original = sqlx::query(
+                    "SELECT author, message FROM events WHERE topic = $1 AND version = $2 AND reissue = false",
+                )
+                .bind(topic)
+                .bind(to_i64(version))
+                .fetch_optional(&mut *tx)
+                .await?;
+                let (author, message) = match &original {
+                    Some(r) => (r.try_get("author")?, r.try_get("message")?),
+                    // Trimmed by retention: the change still goes out, without its words.
+                    None => (String::new(), String::new()),
+                };
+                let audience = (!completes).then_some(Audience { cuts });
+                let head = self
+                    .log_jump(&mut tx, &staging, audience.as_ref(), &author, &message, now)
+                    .await?;
+                self.backend.published(&mut tx, head).await?;
+            }
+            StageStep::Halt { reason } => {
+                sqlx::query(
+                    "UPDATE stagings SET state = 'halted', updated_at = $2, reason = $3 WHERE topic = $1",
+                )
+                .bind(topic)
+                .bind(now)
+                .bind(reason.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn change_at(&self, topic: &str, version: u64) -> Result<Option<Change>, StoreError> {
+        let row = sqlx::query(
+            "SELECT frame FROM events WHERE topic = $1 AND version = $2 AND reissue = false",
+        )
+        .bind(topic)
+        .bind(to_i64(version))
+        .fetch_optional(&self.pool)
+        .await?;
         let Some(row) = row else { return Ok(None) };
         match serde_json::from_str(row.try_get("frame")?) {
             Ok(ServerMessage::Change(change)) => Ok(Some(change)),

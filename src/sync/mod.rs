@@ -72,6 +72,7 @@ impl Syncers {
     ) -> Syncers {
         let mut workers = HashMap::new();
         let limits = Arc::new(config.limits.clone());
+        let policies = Arc::new(config.rollout_policies());
         for repo in &config.repos {
             let wake = Arc::new(Notify::new());
             let status = Arc::new(Mutex::new(RepoStatus {
@@ -92,6 +93,7 @@ impl Syncers {
                 retention: config.retention.clone(),
                 limits: limits.clone(),
                 metrics: metrics.clone(),
+                policies: policies.clone(),
             };
             tracker.spawn(job.run(wake.clone(), shutdown.clone()));
             workers.insert(repo.name.clone(), Worker { wake, status });
@@ -144,9 +146,59 @@ struct Job {
     /// Size caps on repo content (`[limits]`), judged on the git side before anything is read.
     limits: Arc<LimitsConfig>,
     metrics: Arc<Metrics>,
+    /// `[[rollouts]]`: which changes roll out in stages.
+    policies: Arc<Vec<crate::staging::Policy>>,
 }
 
 impl Job {
+    /// Chooses how each topic's change rolls out (`[[rollouts]]`, or the head commit's
+    /// `Confcast-Rollout:` trailer), and who the first stage of each staged one admits: from the
+    /// instances connected and subscribed to the topic now.
+    async fn stage(&self, outcome: &mut SyncOutcome) -> Result<(), String> {
+        if self.policies.is_empty() || outcome.topics.is_empty() {
+            return Ok(());
+        }
+        let trailer = crate::staging::trailer(&outcome.message).map(str::to_string);
+        let mut instances = None;
+        for tc in &outcome.topics {
+            let policy = match crate::staging::choose(&self.policies, &tc.topic, trailer.as_deref())
+            {
+                Ok(policy) => policy,
+                Err(e) => {
+                    tracing::warn!(repo = %self.repo.name, topic = %tc.topic, commit = %outcome.commit,
+                        "{e}; the topic's default rollout applies");
+                    crate::staging::choose(&self.policies, &tc.topic, None).unwrap_or(None)
+                }
+            };
+            let Some(policy) = policy else { continue };
+            let Some(first) = policy.stages.first() else {
+                continue;
+            };
+            if instances.is_none() {
+                instances = Some(self.store.instances().await.map_err(|e| e.to_string())?);
+            }
+            let subscribers: Vec<(&str, &BTreeMap<String, String>)> = instances
+                .iter()
+                .flatten()
+                .filter(|i| {
+                    i.connected && crate::store::in_rollout(&i.subscriptions, &tc.topic, false)
+                })
+                .map(|i| (i.id.as_str(), &i.labels))
+                .collect();
+            let cut = crate::staging::cut_for(first, &tc.topic, &subscribers, &[]);
+            tracing::info!(repo = %self.repo.name, topic = %tc.topic, policy = %policy.name,
+                "the change rolls out in stages");
+            outcome.rollouts.insert(
+                tc.topic.clone(),
+                crate::store::RolloutStart {
+                    policy: policy.clone(),
+                    cut,
+                },
+            );
+        }
+        Ok(())
+    }
+
     async fn run(self, wake: Arc<Notify>, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
@@ -404,6 +456,7 @@ impl Job {
             .filter(|t| !outcome.rejected.iter().any(|r| r.topic == *t))
             .collect();
         outcome.max_held = self.limits.max_held_changes;
+        self.stage(&mut outcome).await?;
         for (topic, h) in &outcome.held {
             tracing::info!(repo = %self.repo.name, %topic, commit = %h.commit, files = h.files,
                 "topic is pinned; change held back");

@@ -768,7 +768,18 @@ pub async fn start_replicas(
     db: &PgDatabase,
     n: usize,
 ) -> Vec<ServerProcess> {
-    let store = format!("[store]\nurl = \"{}\"\n", db.url);
+    start_replicas_with(dir, repo, db, n, "").await
+}
+
+/// Like [`start_replicas`], with `top` TOML (tables such as `[[rollouts]]`) in every config.
+pub async fn start_replicas_with(
+    dir: &Path,
+    repo: &ConfigRepo,
+    db: &PgDatabase,
+    n: usize,
+    top: &str,
+) -> Vec<ServerProcess> {
+    let store = format!("{top}\n[store]\nurl = \"{}\"\n", db.url);
     let mut replicas = Vec::new();
     for name in ["a", "b", "c", "d", "e"].into_iter().take(n) {
         let sub = dir.join(name);

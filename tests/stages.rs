@@ -1,0 +1,658 @@
+//! Issue 14, progressive rollouts, end to end: 20 real instances with labels on a real server,
+//! real pushes and signed webhooks. A 10% / 50% / all policy reaches 2, then 10, then 20
+//! instances, promoting only on acks; a canary's `failed` halts it at the first stage and
+//! `auto_revert` gives the canaries the old content back; an instance reconnecting during a rollout
+//! gets its stage's version; an operator promotes, halts and aborts through the API.
+
+mod util;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use confcast::client::{Identity, Session};
+use confcast::protocol::{decode_content, AckStatus, Change, ServerMessage, Snapshot};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use util::{
+    config_repo, start_replicas_with, start_secured, ConfigRepo, PgDatabase, TestServer,
+    ADMIN_TOKEN, READ_TOKEN, SECRET, WAIT,
+};
+
+const INSTANCES: usize = 20;
+
+/// What every instance received, by instance: the `change` frames of `payments`.
+type Seen = Arc<Mutex<BTreeMap<String, Vec<Change>>>>;
+
+fn name(i: usize) -> String {
+    format!("inst-{i:02}")
+}
+
+fn labels(i: usize) -> BTreeMap<String, String> {
+    let zone = if i.is_multiple_of(4) { "eu-1" } else { "us-1" };
+    BTreeMap::from([("zone".to_string(), zone.to_string())])
+}
+
+async fn connect(url: &str, i: usize) -> (Session, Vec<Snapshot>) {
+    let identity = Identity {
+        instance: name(i),
+        app: Some("web".into()),
+        labels: labels(i),
+    };
+    let mut session = Session::connect(url, &identity)
+        .await
+        .expect("instance connects");
+    session
+        .subscribe(&["payments".to_string()], None)
+        .await
+        .expect("subscribe");
+    let mut snapshots = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(WAIT, session.next())
+            .await
+            .expect("subscribe answered in time")
+            .expect("connection up");
+        match frame {
+            ServerMessage::Snapshot(s) => snapshots.push(s),
+            ServerMessage::Subscribed { .. } => return (session, snapshots),
+            other => panic!("unexpected while subscribing: {other:?}"),
+        }
+    }
+}
+
+/// Runs instance `i`, which holds version `held`: records every `payments` change and, once
+/// `gate` is open, acks each new version with `verdict(version)` (and first `held` itself, when
+/// `ack_held`: a snapshot it got on reconnecting).
+fn run(
+    mut session: Session,
+    i: usize,
+    (mut held, ack_held): (u64, bool),
+    seen: Seen,
+    mut gate: watch::Receiver<bool>,
+    verdict: fn(u64) -> AckStatus,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if ack_held {
+            if gate.wait_for(|open| *open).await.is_err() {
+                return;
+            }
+            let _ = session.ack("payments", held, verdict(held), None).await;
+        }
+        loop {
+            let frame = match session.next().await {
+                Ok(frame) => frame,
+                Err(_) => return,
+            };
+            let ServerMessage::Change(change) = frame else {
+                continue;
+            };
+            seen.lock()
+                .expect("seen")
+                .entry(name(i))
+                .or_default()
+                .push(change.clone());
+            if change.version <= held {
+                continue; // a duplicate: the stages reached get each promotion's change again
+            }
+            if change.previous_version != held {
+                continue; // a gap: `gapless` fails the test
+            }
+            held = change.version;
+            if gate.wait_for(|open| *open).await.is_err() {
+                return;
+            }
+            let status = verdict(change.version);
+            let error = (status == AckStatus::Failed).then(|| "check failed: bad port".to_string());
+            if session
+                .ack("payments", change.version, status, error)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+fn applied(_: u64) -> AckStatus {
+    AckStatus::Applied
+}
+
+fn canary_fails(version: u64) -> AckStatus {
+    if version == 2 {
+        AckStatus::Failed
+    } else {
+        AckStatus::Applied
+    }
+}
+
+async fn start(dir: &std::path::Path, repo: &ConfigRepo, policy: &str) -> TestServer {
+    let server = TestServer::start_with(dir, repo, "", &format!("\n{policy}")).await;
+    server.wait_syncs(1).await;
+    server
+}
+
+/// Connects the 20 instances, each applying and acking the snapshot of v1; instance `i` to
+/// `urls[i % urls.len()]`.
+async fn fleet(urls: &[String]) -> Vec<Session> {
+    let mut sessions = Vec::new();
+    for i in 0..INSTANCES {
+        let (mut session, snapshots) = connect(&urls[i % urls.len()], i).await;
+        assert_eq!(snapshots.len(), 1);
+        assert_eq!(snapshots[0].version, 1);
+        session
+            .ack("payments", 1, AckStatus::Applied, None)
+            .await
+            .expect("ack v1");
+        sessions.push(session);
+    }
+    sessions
+}
+
+async fn push(server: &TestServer, repo: &ConfigRepo, content: &str, message: &str) {
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(content.as_bytes()))],
+            message,
+        )
+        .expect("commit");
+    let (status, body) = server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    assert_eq!(status, 202, "{body}");
+}
+
+/// Instances that received `version`, grouped by the seq of the first change that gave it.
+fn reached(seen: &Seen, version: u64) -> BTreeMap<u64, BTreeSet<String>> {
+    let mut groups: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for (instance, changes) in seen.lock().expect("seen").iter() {
+        if let Some(first) = changes.iter().find(|c| c.version == version) {
+            groups
+                .entry(first.seq)
+                .or_default()
+                .insert(instance.clone());
+        }
+    }
+    groups
+}
+
+/// Asserts that every instance could apply what it received: each change above the version it
+/// held starts from that version (PROTOCOL.md 8.6).
+fn gapless(seen: &Seen) {
+    for (instance, changes) in seen.lock().expect("seen").iter() {
+        let mut held = 1;
+        for c in changes {
+            if c.version > held {
+                assert_eq!(
+                    c.previous_version, held,
+                    "{instance}: a change it cannot apply: {c:?}"
+                );
+                held = c.version;
+            }
+        }
+    }
+}
+
+fn holders(seen: &Seen, version: u64) -> usize {
+    reached(seen, version).values().map(BTreeSet::len).sum()
+}
+
+async fn wait_for(what: &str, f: impl Fn() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+async fn stages(server: &TestServer) -> Value {
+    server.get("/api/v1/topics/payments").await.1["stages"].clone()
+}
+
+async fn post(server: &TestServer, action: &str, reason: &str) -> (u16, Value) {
+    let reply = server
+        .http
+        .post(server.url(&format!("/api/v1/topics/payments/rollout/{action}")))
+        .json(&json!({ "reason": reason }))
+        .send()
+        .await
+        .expect("POST");
+    let status = reply.status().as_u16();
+    (status, reply.json().await.unwrap_or(Value::Null))
+}
+
+const TEN_FIFTY_ALL: &str = r#"
+[[rollouts]]
+name = "canary"
+topics = ["payments"]
+stages = ["10%", "50%"]
+bake_secs = 1
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_then_fifty_then_all_percent_promoting_only_on_acks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start(dir.path(), &repo, TEN_FIFTY_ALL).await;
+    let seen: Seen = Arc::default();
+    let (gate, gated) = watch::channel(false);
+    let tasks: Vec<_> = fleet(&[server.ws_url()])
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), applied))
+        .collect();
+
+    push(&server, &repo, "port = 9443\n", "payments: new port").await;
+    wait_for("the first stage", || holders(&seen, 2) == 2).await;
+    // Well past the bake time, with no ack: the rollout stays at its first stage.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(holders(&seen, 2), 2, "no promotion without acks");
+    let st = stages(&server).await;
+    assert_eq!(st["state"], "rolling", "{st}");
+    assert_eq!(st["stage"], 1, "{st}");
+    assert_eq!(st["members"], 2, "{st}");
+    assert_eq!(st["applied"], 0, "{st}");
+
+    // An instance outside the stage that reconnects gets v1; one inside gets v2. The new
+    // connection takes the instance over (the old one is closed), and runs on.
+    let canary: usize = reached(&seen, 2)
+        .values()
+        .flatten()
+        .next()
+        .and_then(|n| n.strip_prefix("inst-"))
+        .and_then(|n| n.parse().ok())
+        .expect("a canary");
+    let outside = (0..INSTANCES)
+        .find(|i| !reached(&seen, 2).values().flatten().any(|n| *n == name(*i)))
+        .expect("an instance outside");
+    let mut tasks = tasks;
+    for (i, expected) in [(canary, 2), (outside, 1)] {
+        let (session, snapshots) = connect(&server.ws_url(), i).await;
+        assert_eq!(snapshots.len(), 1);
+        assert_eq!(
+            snapshots[0].version,
+            expected,
+            "{} reconnecting gets its stage's version",
+            name(i)
+        );
+        tasks.push(run(
+            session,
+            i,
+            (expected, true),
+            seen.clone(),
+            gated.clone(),
+            applied,
+        ));
+    }
+
+    gate.send_replace(true);
+    wait_for("every instance on v2", || holders(&seen, 2) == INSTANCES).await;
+    let st = server
+        .wait_topic("payments", |t| t["stages"]["state"] == "completed")
+        .await;
+    let groups: Vec<usize> = reached(&seen, 2).values().map(BTreeSet::len).collect();
+    assert_eq!(groups, [2, 8, 10], "2, then 10, then 20: {st}");
+    for changes in seen.lock().expect("seen").values() {
+        let v2 = changes.iter().find(|c| c.version == 2).expect("v2");
+        assert_eq!(v2.previous_version, 1);
+        let content = &v2
+            .files
+            .iter()
+            .find(|f| f.path == "payments/app.toml")
+            .expect("file");
+        let bytes = decode_content(
+            content.content.as_deref().expect("content"),
+            content.encoding,
+        )
+        .expect("decodes");
+        assert_eq!(bytes, b"port = 9443\n");
+    }
+    gapless(&seen);
+    for t in tasks {
+        t.abort();
+    }
+}
+
+const CANARY_REVERT: &str = r#"
+[[rollouts]]
+name = "canary"
+topics = ["payments"]
+stages = ["10%", "50%"]
+bake_secs = 1
+auto_revert = true
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_canary_halts_the_first_stage_and_auto_revert_restores_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start(dir.path(), &repo, CANARY_REVERT).await;
+    let seen: Seen = Arc::default();
+    let (_gate, gated) = watch::channel(true);
+    let tasks: Vec<_> = fleet(&[server.ws_url()])
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), canary_fails))
+        .collect();
+
+    // Valid TOML (the server would hold back a file that does not parse), a port the
+    // instances refuse.
+    push(&server, &repo, "port = 1\n", "payments: a bad port").await;
+    let st = server
+        .wait_topic("payments", |t| {
+            t["stages"]["state"] == "aborted" && t["version"] == 3
+        })
+        .await;
+    assert!(
+        st["stages"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("failed")),
+        "{st}"
+    );
+    assert_eq!(
+        st["stages"]["version"], 3,
+        "the old content as a new version: {st}"
+    );
+    wait_for("every instance on v3", || holders(&seen, 3) == INSTANCES).await;
+    assert_eq!(
+        holders(&seen, 2),
+        2,
+        "18 instances never got the bad version"
+    );
+    let canaries: BTreeSet<String> = reached(&seen, 2).into_values().flatten().collect();
+    for (instance, changes) in seen.lock().expect("seen").iter() {
+        let v3 = changes.iter().find(|c| c.version == 3).expect("v3");
+        if canaries.contains(instance) {
+            assert_eq!(v3.previous_version, 2, "{instance}");
+            let f = v3
+                .files
+                .iter()
+                .find(|f| f.path == "payments/app.toml")
+                .expect("file");
+            let bytes = decode_content(f.content.as_deref().expect("content"), f.encoding)
+                .expect("decodes");
+            assert_eq!(
+                bytes, b"port = 8443\n",
+                "{instance} has the old content back"
+            );
+        } else {
+            assert_eq!(v3.previous_version, 1, "{instance}");
+            assert!(v3.files.is_empty(), "{instance}: nothing to change: {v3:?}");
+        }
+    }
+    gapless(&seen);
+    for t in tasks {
+        t.abort();
+    }
+}
+
+const MANUAL: &str = r#"
+[[rollouts]]
+name = "slow"
+topics = ["payments"]
+stages = ["zone=eu-1", "50%"]
+bake_secs = 3600
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_promotes_halts_and_aborts_a_labelled_rollout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start(dir.path(), &repo, MANUAL).await;
+    let seen: Seen = Arc::default();
+    let (_gate, gated) = watch::channel(true);
+    let tasks: Vec<_> = fleet(&[server.ws_url()])
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), applied))
+        .collect();
+
+    push(&server, &repo, "port = 7443\n", "payments: port 7443").await;
+    let eu: BTreeSet<String> = (0..INSTANCES)
+        .filter(|i| labels(*i)["zone"] == "eu-1")
+        .map(name)
+        .collect();
+    wait_for("the eu-1 stage", || holders(&seen, 2) == eu.len()).await;
+    let first: BTreeSet<String> = reached(&seen, 2).into_values().flatten().collect();
+    assert_eq!(first, eu, "the label stage is exactly the eu-1 instances");
+
+    let (status, body) = post(&server, "promote", "eu-1 looks fine").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stages"]["stage"], 2, "{body}");
+    wait_for("half the fleet", || holders(&seen, 2) == INSTANCES / 2).await;
+
+    let (status, body) = post(&server, "halt", "wait for the dashboards").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stages"]["state"], "halted", "{body}");
+
+    let (status, body) = post(&server, "abort", "latency went up").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stages"]["state"], "aborted", "{body}");
+    wait_for("every instance on v3", || holders(&seen, 3) == INSTANCES).await;
+    assert_eq!(
+        holders(&seen, 2),
+        INSTANCES / 2,
+        "the other half never got v2"
+    );
+
+    let (status, body) = post(&server, "promote", "too late").await;
+    assert_eq!(status, 409, "no active rollout left: {body}");
+    gapless(&seen);
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// Two replicas on one PostgreSQL database, ten instances on each: both serve the same stage,
+/// the rollout promotes exactly twice (one decider), and the stages are 2, 8 and 10 instances
+/// whichever replica they are connected to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgres_agree_on_the_stage_and_decide_once() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let replicas = start_replicas_with(dir.path(), &repo, &db, 2, TEN_FIFTY_ALL).await;
+    let urls: Vec<String> = replicas.iter().map(|r| r.ws_url()).collect();
+    let seen: Seen = Arc::default();
+    let (gate, gated) = watch::channel(false);
+    let tasks: Vec<_> = fleet(&urls)
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), applied))
+        .collect();
+
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 6443\n".as_slice()))],
+            "payments: port 6443",
+        )
+        .expect("commit");
+    assert_eq!(replicas[0].github_push(&commit.to_string()).await, 202);
+    wait_for("the first stage", || holders(&seen, 2) == 2).await;
+    for r in &replicas {
+        let st = r.get("/api/v1/topics/payments").await["stages"].clone();
+        assert_eq!(
+            (st["state"].as_str(), st["stage"].as_u64()),
+            (Some("rolling"), Some(1)),
+            "{st}"
+        );
+        assert_eq!(st["members"], 2, "the same stage on every replica: {st}");
+    }
+    gate.send_replace(true);
+    wait_for("every instance on v2", || holders(&seen, 2) == INSTANCES).await;
+    let groups: Vec<usize> = reached(&seen, 2).values().map(BTreeSet::len).collect();
+    assert_eq!(groups, [2, 8, 10]);
+    for r in &replicas {
+        let st = r.get("/api/v1/topics/payments").await["stages"].clone();
+        assert_eq!(st["state"], "completed", "{st}");
+    }
+    let promotions: usize = replicas
+        .iter()
+        .map(|r| r.log().matches("rollout promoted").count())
+        .sum();
+    assert_eq!(promotions, 2, "each promotion decided once");
+    let deciders = replicas
+        .iter()
+        .filter(|r| r.log().contains("rollout promoted"))
+        .count();
+    assert_eq!(deciders, 1, "one replica decides");
+    gapless(&seen);
+    for t in tasks {
+        t.abort();
+    }
+}
+
+const BY_TRAILER: &str = r#"
+[[rollouts]]
+name = "canary"
+stages = ["10%", "50%"]
+bake_secs = 3600
+"#;
+
+/// A policy without `topics` applies only to pushes that name it in a `Confcast-Rollout:`
+/// trailer; a newer push joins the rollout at its stage, and one marked `immediate` ends it:
+/// every instance gets the newest version, each by a change it can apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailer_starts_a_rollout_a_newer_push_joins_it_and_immediate_ends_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start(dir.path(), &repo, BY_TRAILER).await;
+    let seen: Seen = Arc::default();
+    let (_gate, gated) = watch::channel(true);
+    let tasks: Vec<_> = fleet(&[server.ws_url()])
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), applied))
+        .collect();
+
+    // No trailer: the policy names no topic, so v2 goes to everyone at once.
+    push(&server, &repo, "port = 2\n", "payments: port 2").await;
+    wait_for("v2 everywhere", || holders(&seen, 2) == INSTANCES).await;
+    assert_eq!(stages(&server).await, Value::Null);
+
+    push(
+        &server,
+        &repo,
+        "port = 3\n",
+        "payments: port 3\n\nConfcast-Rollout: canary",
+    )
+    .await;
+    wait_for("v3's first stage", || holders(&seen, 3) == 2).await;
+    let canaries: BTreeSet<String> = reached(&seen, 3).into_values().flatten().collect();
+    // A newer push joins the rollout at its stage: the same two instances, nobody else.
+    push(
+        &server,
+        &repo,
+        "port = 4\n",
+        "payments: port 4\n\nConfcast-Rollout: canary",
+    )
+    .await;
+    wait_for("v4 on the canaries", || holders(&seen, 4) == 2).await;
+    let again: BTreeSet<String> = reached(&seen, 4).into_values().flatten().collect();
+    assert_eq!(again, canaries);
+    let st = stages(&server).await;
+    assert_eq!(
+        (
+            st["state"].as_str(),
+            st["version"].as_u64(),
+            st["base_version"].as_u64()
+        ),
+        (Some("rolling"), Some(4), Some(2)),
+        "{st}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(holders(&seen, 3), 2, "nobody else got v3");
+
+    push(
+        &server,
+        &repo,
+        "port = 5\n",
+        "payments: port 5\n\nConfcast-Rollout: immediate",
+    )
+    .await;
+    wait_for("v5 everywhere", || holders(&seen, 5) == INSTANCES).await;
+    let st = server
+        .wait_topic("payments", |t| t["stages"]["state"] == "superseded")
+        .await;
+    assert_eq!(st["version"], 5, "{st}");
+    for (instance, changes) in seen.lock().expect("seen").iter() {
+        let v5 = changes.iter().find(|c| c.version == 5).expect("v5");
+        let f = v5
+            .files
+            .iter()
+            .find(|f| f.path == "payments/app.toml")
+            .expect("file");
+        let bytes =
+            decode_content(f.content.as_deref().expect("content"), f.encoding).expect("decodes");
+        assert_eq!(bytes, b"port = 5\n", "{instance}");
+    }
+    gapless(&seen);
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// The overrides need an `admin` API token: none is 401, a `read` one 403, and neither changes
+/// the rollout; an admin's reason is capped like a rollback's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_overrides_need_an_admin_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start_secured(
+        dir.path(),
+        &repo,
+        "",
+        &format!("{}\n{MANUAL}", util::auth_toml()),
+    )
+    .await;
+    let url = server.url("/api/v1/topics/payments/rollout/promote");
+    let body = json!({"reason": "let me in"});
+    let none = server
+        .http
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(none.status().as_u16(), 401);
+    let read = server
+        .http
+        .post(&url)
+        .bearer_auth(READ_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(read.status().as_u16(), 403);
+    let admin = |b: Value| {
+        server
+            .http
+            .post(&url)
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&b)
+            .send()
+    };
+    let long = admin(json!({"reason": "x".repeat(5000)}))
+        .await
+        .expect("POST");
+    assert_eq!(long.status().as_u16(), 400);
+    let unknown = admin(json!({"reason": "ok", "stage": 3}))
+        .await
+        .expect("POST");
+    assert_eq!(unknown.status().as_u16(), 400, "unknown fields are refused");
+    let nothing = admin(json!({"reason": "no rollout yet"}))
+        .await
+        .expect("POST");
+    assert_eq!(nothing.status().as_u16(), 409);
+}
