@@ -1024,16 +1024,7 @@ pub fn log_entry(
     };
     let frame = serde_json::to_string(&crate::protocol::ServerMessage::Change(change.clone()))
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let files: Vec<HistoryFile> = change
-        .files
-        .iter()
-        .map(|f| HistoryFile {
-            path: f.path.clone(),
-            status: f.status,
-            old_path: f.old_path.clone(),
-            sha: f.sha.clone(),
-        })
-        .collect();
+    let files: Vec<HistoryFile> = change.files.iter().map(HistoryFile::of).collect();
     let files = serde_json::to_string(&files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(LogEntry {
         change,
