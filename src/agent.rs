@@ -29,6 +29,10 @@ pub const META: &str = ".confcast";
 pub struct AgentOptions {
     pub client: ClientOptions,
     pub dir: PathBuf,
+    /// Run with `sh -c` on a new version's files before they are swapped in (`CONFCAST_DIR` is
+    /// the new generation); a non-zero exit acks the version `failed` with its output and
+    /// nothing changes on disk.
+    pub check: Option<String>,
     /// Run with `sh -c` after each new version is in place; exit 0 = applied.
     pub exec: Option<String>,
     pub exec_timeout: Duration,
@@ -62,6 +66,8 @@ pub enum ApplyError {
     Io(String),
     #[error("reload command failed ({status}): {stderr_tail}")]
     Reload { status: String, stderr_tail: String },
+    #[error("check command failed ({status}), the files were not swapped in: {output_tail}")]
+    Check { status: String, output_tail: String },
 }
 
 /// Checks that a server-given path is a plain relative path that stays inside the directory.
@@ -99,6 +105,46 @@ pub struct Written {
 
 /// Writes `files` as the new current generation under `dir`: in full, durable, then swapped in.
 pub fn materialize(dir: &Path, files: &Files) -> Result<Written, ApplyError> {
+    prepare(dir, files)?.swap_in(dir)
+}
+
+/// A generation written in full and made durable, not yet current: [`Prepared::swap_in`] makes
+/// it current, [`Prepared::discard`] removes it.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Its name under `.confcast`.
+    pub generation: String,
+    /// Its directory, where a check command reads the new files.
+    pub path: PathBuf,
+    tops: std::collections::BTreeSet<String>,
+    previous: Option<String>,
+    write: Duration,
+    sync: Duration,
+}
+
+impl Prepared {
+    /// Points `current` at this generation and the top-level links at its entries.
+    pub fn swap_in(self, dir: &Path) -> Result<Written, ApplyError> {
+        let io = |e: std::io::Error| ApplyError::Io(e.to_string());
+        swap_current(dir, &self.generation).map_err(io)?;
+        link_tops(dir, &self.tops).map_err(io)?;
+        Ok(Written {
+            previous: self.previous,
+            write: self.write,
+            sync: self.sync,
+        })
+    }
+
+    /// Removes this generation; `current` never pointed at it.
+    pub fn discard(self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(error = %e, generation = %self.generation, "could not remove a refused generation");
+        }
+    }
+}
+
+/// Writes `files` as a new generation under `dir`, in full and durable, without making it current.
+pub fn prepare(dir: &Path, files: &Files) -> Result<Prepared, ApplyError> {
     let io = |e: std::io::Error| ApplyError::Io(e.to_string());
     let meta = dir.join(META);
     std::fs::create_dir_all(&meta).map_err(io)?;
@@ -154,9 +200,10 @@ pub fn materialize(dir: &Path, files: &Files) -> Result<Written, ApplyError> {
     )
     .map_err(io)?;
     let sync = started.elapsed();
-    swap_current(dir, &next).map_err(io)?;
-    link_tops(dir, &tops).map_err(io)?;
-    Ok(Written {
+    Ok(Prepared {
+        generation: next,
+        path: gen_dir,
+        tops,
         previous,
         write,
         sync,
@@ -324,59 +371,134 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// How many characters of a command's output an ack's error keeps (the last ones).
+pub const OUTPUT_TAIL_CHARS: usize = 2048;
+
+/// Bytes of output held while a command runs: enough for [`OUTPUT_TAIL_CHARS`] characters of
+/// any UTF-8, however much the command writes.
+const OUTPUT_TAIL_BYTES: usize = OUTPUT_TAIL_CHARS * 4;
+
+/// Why a shell command did not succeed: its exit status (or why it has none) and the tail of what
+/// it wrote.
+struct ShellFailure {
+    status: String,
+    tail: String,
+}
+
+/// Reads `reader` to its end, keeping only its last `cap` bytes.
+async fn read_tail(reader: Option<impl tokio::io::AsyncRead + Unpin>, cap: usize) -> Vec<u8> {
+    let mut kept = std::collections::VecDeque::with_capacity(cap.min(4096));
+    let Some(mut reader) = reader else {
+        return Vec::new();
+    };
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = reader.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        kept.extend(&chunk[..n]);
+        let over = kept.len().saturating_sub(cap);
+        kept.drain(..over);
+    }
+    kept.into()
+}
+
+/// The last [`OUTPUT_TAIL_CHARS`] characters of `bytes`, lossily decoded and trimmed.
+fn tail_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let skip = text.chars().count().saturating_sub(OUTPUT_TAIL_CHARS);
+    text.chars()
+        .skip(skip)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// Runs `command` with `sh -c`, stdin closed, killed after `timeout`. Keeps the tail of stderr,
+/// and of stdout too when `with_stdout` (stdout first, then stderr).
+async fn run_shell(
+    command: &str,
+    timeout: Duration,
+    env: &[(&str, String)],
+    with_stdout: bool,
+) -> Result<(), ShellFailure> {
+    let piped = std::process::Stdio::piped;
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .stdout(if with_stdout {
+            piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stderr(piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| ShellFailure {
+        status: "could not start".into(),
+        tail: e.to_string(),
+    })?;
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let run = async {
+        let (out, err) = tokio::join!(
+            read_tail(stdout, OUTPUT_TAIL_BYTES),
+            read_tail(stderr, OUTPUT_TAIL_BYTES)
+        );
+        let mut both = out;
+        if !both.is_empty() && !err.is_empty() && both.last() != Some(&b'\n') {
+            both.push(b'\n');
+        }
+        both.extend(err);
+        (child.wait().await, both)
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Err(_) => Err(ShellFailure {
+            status: format!("timed out after {timeout:?}, killed"),
+            tail: String::new(),
+        }),
+        Ok((Err(e), _)) => Err(ShellFailure {
+            status: "wait failed".into(),
+            tail: e.to_string(),
+        }),
+        Ok((Ok(status), _)) if status.success() => Ok(()),
+        Ok((Ok(status), output)) => Err(ShellFailure {
+            status: status.to_string(),
+            tail: tail_text(&output),
+        }),
+    }
+}
+
 /// Runs the reload command; `Err` carries the exit status and the tail of stderr.
 pub async fn reload(
     command: &str,
     timeout: Duration,
     env: &[(&str, String)],
 ) -> Result<(), ApplyError> {
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(command)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
-    cmd.stderr(std::process::Stdio::piped()).kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().map_err(|e| ApplyError::Reload {
-        status: "could not start".into(),
-        stderr_tail: e.to_string(),
-    })?;
-    let mut stderr = child.stderr.take();
-    let run = async {
-        let mut buf = Vec::new();
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_end(&mut buf).await;
-        }
-        (child.wait().await, buf)
-    };
-    match tokio::time::timeout(timeout, run).await {
-        Err(_) => Err(ApplyError::Reload {
-            status: format!("timed out after {timeout:?}, killed"),
-            stderr_tail: String::new(),
-        }),
-        Ok((Err(e), _)) => Err(ApplyError::Reload {
-            status: "wait failed".into(),
-            stderr_tail: e.to_string(),
-        }),
-        Ok((Ok(status), _)) if status.success() => Ok(()),
-        Ok((Ok(status), stderr)) => {
-            let text = String::from_utf8_lossy(&stderr);
-            let tail: String = text
-                .chars()
-                .rev()
-                .take(2048)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            Err(ApplyError::Reload {
-                status: status.to_string(),
-                stderr_tail: tail.trim().to_string(),
-            })
-        }
-    }
+    run_shell(command, timeout, env, false)
+        .await
+        .map_err(|f| ApplyError::Reload {
+            status: f.status,
+            stderr_tail: f.tail,
+        })
+}
+
+/// Runs the check command on a prepared generation; `Err` carries the exit status and the tail
+/// of its output, stdout then stderr (`nginx -t` writes its verdict to stderr).
+pub async fn check(
+    command: &str,
+    timeout: Duration,
+    env: &[(&str, String)],
+) -> Result<(), ApplyError> {
+    run_shell(command, timeout, env, true)
+        .await
+        .map_err(|f| ApplyError::Check {
+            status: f.status,
+            output_tail: f.tail,
+        })
 }
 
 /// Runs the agent until `shutdown`.
@@ -436,6 +558,16 @@ pub async fn run(
                     tracing::info_span!("apply", topic = %update.topic, version = update.version);
                 let _enter = span.enter();
                 let previous = topics.insert(update.topic.clone(), update.files.clone());
+                if previous.as_ref() == Some(&update.files)
+                    && current_generation(&opts.dir).is_some()
+                {
+                    // The same files as in place (a change that only moves the version, such as
+                    // the end of a rollout this instance was outside of): nothing to write,
+                    // check or reload.
+                    tracing::info!(commit = %update.commit, "files unchanged; applied without a reload");
+                    client.ack(&update.topic, update.version, AckStatus::Applied, None)?;
+                    continue;
+                }
                 let result = apply(&opts, &topics, &update).await;
                 match &result {
                     Ok(written) => tracing::info!(
@@ -453,6 +585,7 @@ pub async fn run(
                                 ApplyError::UnsafePath { .. }
                                     | ApplyError::Foreign(_)
                                     | ApplyError::Io(_)
+                                    | ApplyError::Check { .. }
                             )
                         {
                             // The files on disk are the previous ones again: so is our view.
@@ -558,18 +691,32 @@ async fn apply(
 ) -> Result<Written, ApplyError> {
     let dir = opts.dir.clone();
     let all = union(topics);
-    let written = tokio::task::spawn_blocking(move || materialize(&dir, &all))
+    let prepared = tokio::task::spawn_blocking(move || prepare(&dir, &all))
+        .await
+        .map_err(|e| ApplyError::Io(e.to_string()))??;
+    let about = [
+        ("CONFCAST_TOPIC", update.topic.clone()),
+        ("CONFCAST_VERSION", update.version.to_string()),
+        ("CONFCAST_COMMIT", update.commit.clone()),
+    ];
+    if let Some(command) = &opts.check {
+        let mut env = about.to_vec();
+        env.push(("CONFCAST_DIR", prepared.path.display().to_string()));
+        env.push(("CONFCAST_LIVE_DIR", opts.dir.display().to_string()));
+        if let Err(e) = check(command, opts.exec_timeout, &env).await {
+            prepared.discard();
+            return Err(e);
+        }
+    }
+    let dir = opts.dir.clone();
+    let written = tokio::task::spawn_blocking(move || prepared.swap_in(&dir))
         .await
         .map_err(|e| ApplyError::Io(e.to_string()))??;
     let Some(command) = &opts.exec else {
         return Ok(written);
     };
-    let env = [
-        ("CONFCAST_TOPIC", update.topic.clone()),
-        ("CONFCAST_VERSION", update.version.to_string()),
-        ("CONFCAST_COMMIT", update.commit.clone()),
-        ("CONFCAST_DIR", opts.dir.display().to_string()),
-    ];
+    let mut env = about.to_vec();
+    env.push(("CONFCAST_DIR", opts.dir.display().to_string()));
     match reload(command, opts.exec_timeout, &env).await {
         Ok(()) => Ok(written),
         Err(e) => {
@@ -591,6 +738,44 @@ mod tests {
         list.iter()
             .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_output_is_held_as_its_tail_only() {
+        let big: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let kept = read_tail(Some(&big[..]), 1000).await;
+        assert_eq!(kept, &big[big.len() - 1000..]);
+        assert_eq!(read_tail(None::<&[u8]>, 1000).await, b"");
+        let text = format!("{}é\n", "x".repeat(5000));
+        let tail = tail_text(text.as_bytes());
+        assert_eq!(
+            tail.chars().count(),
+            OUTPUT_TAIL_CHARS - 1,
+            "trimmed newline"
+        );
+        assert!(tail.ends_with('é'));
+        // A cut through a multi-byte character decodes lossily instead of failing.
+        assert_eq!(tail_text(&"é".as_bytes()[1..]), "\u{fffd}");
+    }
+
+    #[tokio::test]
+    async fn a_check_reports_stdout_then_stderr_and_its_status() {
+        let err = check(
+            "echo out; echo err >&2; exit 4",
+            Duration::from_secs(5),
+            &[],
+        )
+        .await
+        .expect_err("fails");
+        assert_eq!(
+            err.to_string(),
+            "check command failed (exit status: 4), the files were not swapped in: out\nerr"
+        );
+        assert!(check("true", Duration::from_secs(5), &[]).await.is_ok());
+        let slow = check("sleep 5", Duration::from_millis(100), &[])
+            .await
+            .expect_err("times out");
+        assert!(slow.to_string().contains("timed out"), "{slow}");
     }
 
     #[test]

@@ -241,6 +241,7 @@ pub async fn agent(files: usize) -> Result<(), BenchError> {
         client,
         dir: target.clone(),
         exec: None,
+        check: None,
         exec_timeout: Duration::from_secs(30),
         rollback_on_failure: false,
         commands: Default::default(),

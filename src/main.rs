@@ -184,6 +184,10 @@ struct AgentArgs {
     /// Where the files go.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Check command, run with `sh -c` on a new version's files before they are swapped in
+    /// (`CONFCAST_DIR` is the new generation); a failure acks the version `failed` with its output.
+    #[arg(long)]
+    check: Option<String>,
     /// Reload command, run with `sh -c` after each new version.
     #[arg(long)]
     exec: Option<String>,
@@ -221,6 +225,7 @@ struct AgentFile {
     #[serde(default)]
     topics: Vec<String>,
     dir: Option<PathBuf>,
+    check: Option<String>,
     exec: Option<String>,
     exec_timeout_secs: Option<u64>,
     #[serde(default)]
@@ -302,6 +307,7 @@ fn agent_options(args: AgentArgs) -> anyhow::Result<confcast::agent::AgentOption
     Ok(confcast::agent::AgentOptions {
         client,
         dir,
+        check: args.check.or(file.check),
         exec: args.exec.or(file.exec),
         exec_timeout: std::time::Duration::from_secs(
             args.exec_timeout.or(file.exec_timeout_secs).unwrap_or(30),

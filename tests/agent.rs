@@ -481,3 +481,127 @@ async fn agent_warns_when_the_server_may_send_frames_above_its_limit() {
     let quiet = log(&default);
     assert!(!quiet.contains("max_frame_bytes"), "{quiet}");
 }
+
+/// Vets the new generation (`CONFCAST_DIR`) while the live files (`CONFCAST_LIVE_DIR`) are still
+/// the old ones; a bad value floods stdout (as a noisy validator would) and explains itself last.
+const CHECK: &str = r#"echo "check v$CONFCAST_VERSION saw live: $(cat "$CONFCAST_LIVE_DIR/payments/app.toml")" >> "$CONFCAST_LIVE_DIR/../checks.log"
+test "$CONFCAST_DIR" != "$CONFCAST_LIVE_DIR" || exit 9
+if grep -q bad "$CONFCAST_DIR/payments/app.toml"; then head -c 1000000 /dev/zero | tr '\0' x; echo; echo "app.toml:1: bad value" >&2; exit 1; fi"#;
+
+const COUNT_RELOADS: &str =
+    r#"echo "$CONFCAST_TOPIC v$CONFCAST_VERSION" >> "$CONFCAST_DIR/../reloads.log""#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_command_refuses_a_bad_version_before_the_swap_and_reloads_run_only_on_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(dir.path(), &repo, "").await;
+    server.wait_syncs(1).await;
+    let target = dir.path().join("etc-app");
+    let _agent = start_agent(
+        &server,
+        "agent-c",
+        &target,
+        COUNT_RELOADS,
+        &["--check", CHECK],
+    );
+    let app_toml = target.join("payments/app.toml");
+    let reloads = || std::fs::read_to_string(dir.path().join("reloads.log")).unwrap_or_default();
+    let checks = || std::fs::read_to_string(dir.path().join("checks.log")).unwrap_or_default();
+    server
+        .wait_topic("payments", |v| v["rollout"]["converged"] == true)
+        .await;
+    assert_eq!(reloads(), "payments v1\n");
+
+    // A bad version: the check fails, nothing is swapped in, nothing reloads, the ack says why.
+    let bad = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = \"bad\"\n".as_slice()))],
+            "v2 bad",
+        )
+        .expect("commit");
+    server.github_push("main", &bad.to_string(), SECRET).await;
+    let topic = server
+        .wait_topic("payments", |v| {
+            v["version"] == 2 && !v["rollout"]["failed"].as_array().is_none_or(Vec::is_empty)
+        })
+        .await;
+    let error = topic["rollout"]["failed"][0]["error"]
+        .as_str()
+        .expect("error text");
+    assert!(
+        error.starts_with("check command failed (exit status: 1), the files were not swapped in:")
+            && error.ends_with("app.toml:1: bad value"),
+        "{}",
+        &error[..error.len().min(300)]
+    );
+    assert!(
+        error.len() < 2300,
+        "a megabyte of output is cut to its tail: {} bytes",
+        error.len()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&app_toml).expect("read"),
+        "port = 8443\n"
+    );
+    assert_eq!(
+        reloads(),
+        "payments v1\n",
+        "no reload for a refused version"
+    );
+    let generations: Vec<String> = std::fs::read_dir(target.join(".confcast"))
+        .expect("meta")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    assert_eq!(
+        generations.len(),
+        1,
+        "the refused generation is removed: {generations:?}"
+    );
+
+    // Reverting the bad commit gives the files in place a new version: applied, no reload.
+    let revert = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 8443\n".as_slice()))],
+            "v3 revert",
+        )
+        .expect("commit");
+    server
+        .github_push("main", &revert.to_string(), SECRET)
+        .await;
+    server
+        .wait_topic("payments", |v| {
+            v["version"] == 3 && v["rollout"]["converged"] == true
+        })
+        .await;
+    assert_eq!(reloads(), "payments v1\n", "same files, no reload");
+
+    // A good change: checked against the new files while the old ones are live, then reloaded.
+    let good = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 9443\n".as_slice()))],
+            "v4",
+        )
+        .expect("commit");
+    server.github_push("main", &good.to_string(), SECRET).await;
+    server
+        .wait_topic("payments", |v| {
+            v["version"] == 4 && v["rollout"]["converged"] == true
+        })
+        .await;
+    assert_eq!(
+        std::fs::read_to_string(&app_toml).expect("read"),
+        "port = 9443\n"
+    );
+    assert_eq!(reloads(), "payments v1\npayments v4\n");
+    assert_eq!(
+        checks(),
+        "check v1 saw live: \ncheck v2 saw live: port = 8443\ncheck v4 saw live: port = 8443\n",
+        "v3 needed no check; each check ran before its swap"
+    );
+}
