@@ -871,3 +871,131 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
     assert!(!url.as_str().contains(READ_TOKEN) && !url.as_str().contains(ADMIN_TOKEN));
     client.close().await.expect("close the browser");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_sees_a_staged_rollout_and_its_halt_in_a_real_browser() {
+    let (driver, browser) = match browser_tools() {
+        Ok(tools) => tools,
+        Err(reason) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipping the browser test: {reason}");
+            return;
+        }
+        Err(reason) => panic!("CI=true and {reason}: .ci/run installs it"),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    // A canary zone first, then everyone; the bake is long, so only people move it.
+    let server = start(
+        dir.path(),
+        &repo,
+        r#"
+[[rollouts]]
+name = "zone-canary"
+topics = ["payments"]
+stages = ["zone=eu-west-1a"]
+bake_secs = 3600
+"#,
+    )
+    .await;
+    wait_for(&server, "/api/v1/topics", |v| v["topics"][0].is_object()).await;
+    let mut canary = subscriber(&server, "payments-api-1", &[("zone", "eu-west-1a")]).await;
+    let _other = subscriber(
+        &server,
+        "payments-api-2",
+        &[("zone", "eu-west-1b"), ("note", HOSTILE)],
+    )
+    .await;
+
+    let (_driver, client) = start_browser(&driver, &browser).await;
+    client.goto(&server.url("/")).await.expect("open");
+    until(
+        &client,
+        "the token form",
+        "!document.getElementById('login').hidden",
+    )
+    .await;
+    sign_in(&client, READ_TOKEN).await;
+    let payments = "document.querySelector('#topics-body tr[data-topic=\"payments\"]')";
+    until(&client, "payments", &format!("{payments} !== null")).await;
+
+    push(&server, &repo, "port = 9443\n", "Raise the port").await;
+    assert_eq!(next_change(&mut canary).await, 2);
+    ack(&mut canary, "payments", 2).await;
+    let badge = format!("{payments}.querySelector('.stage')");
+    until(
+        &client,
+        "the stage badge",
+        &format!("{badge} !== null && {badge}.textContent === 'stage 1/2' && {badge}.dataset.state === 'rolling'"),
+    )
+    .await;
+    let title = text_of(&client, &format!("{badge}.title")).await;
+    assert!(
+        title.contains("v2 rolling at stage 1 of 2 (zone=eu-west-1a), policy zone-canary"),
+        "{title}"
+    );
+    screenshot(&client, "08-staged-rollout").await;
+
+    // The topic page: the stages, the one reached, and why it is there.
+    client
+        .goto(&server.url("/#/topic/payments"))
+        .await
+        .expect("topic");
+    let note = "document.querySelector('#topic-summary .stage-note')";
+    until(
+        &client,
+        "the stage note",
+        &format!(
+            "{note} !== null && {note}.querySelector('li.now').textContent === 'zone=eu-west-1a'"
+        ),
+    )
+    .await;
+    let text = text_of(&client, &format!("{note}.innerText")).await;
+    assert!(
+        text.contains("Progressive rollout (zone-canary): v2 rolling at stage 1 of 2 (zone=eu-west-1a), from v1")
+            && text.contains("all"),
+        "{text}"
+    );
+
+    // An operator halts it; the page shows the halt and its reason, as text.
+    let reply = server
+        .http
+        .post(server.url("/api/v1/topics/payments/rollout/halt"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"reason": format!("latency up in eu-west-1a {HOSTILE}")}))
+        .send()
+        .await
+        .expect("halt");
+    assert_eq!(reply.status().as_u16(), 200);
+    until(
+        &client,
+        "the halt on the topic page",
+        &format!(
+            "{note}.dataset.state === 'halted' && {note}.querySelector('li.now.halted') !== null"
+        ),
+    )
+    .await;
+    let text = text_of(&client, &format!("{note}.innerText")).await;
+    assert!(
+        text.contains("v2 halted at stage 1 of 2")
+            && text.contains("latency up in eu-west-1a")
+            && text.contains(HOSTILE),
+        "{text}"
+    );
+    screenshot(&client, "09-rollout-halted").await;
+    client.goto(&server.url("/#/")).await.expect("topics");
+    until(
+        &client,
+        "the halted badge",
+        &format!("{payments} !== null && {badge} !== null && {badge}.textContent === 'halted 1/2'"),
+    )
+    .await;
+    let pwned = client
+        .execute(
+            "return window.__pwned === undefined && document.querySelectorAll('img').length === 0",
+            vec![],
+        )
+        .await
+        .expect("check");
+    assert_eq!(pwned, json!(true));
+    client.close().await.expect("close the browser");
+}

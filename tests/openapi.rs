@@ -128,6 +128,7 @@ fn concrete(path: &str) -> String {
             "{topic}" => "payments".to_string(),
             "{version}" => "1".to_string(),
             "{file}" => "app.js".to_string(),
+            "{action}" => "promote".to_string(),
             p if p.starts_with('{') => "missing".to_string(),
             p => p.to_string(),
         })

@@ -138,6 +138,22 @@ struct TopicLine<'a> {
     counts: Counts,
     /// Who pinned it, why, and how many pushes it holds back; `null` when not pinned.
     pinned: Option<PinLine<'a>>,
+    /// Its progressive rollout, the last one it had (any state); `null` when it never had one.
+    stage: Option<StageLine<'a>>,
+}
+
+#[derive(Serialize)]
+struct StageLine<'a> {
+    policy: &'a str,
+    state: crate::store::StagingState,
+    version: u64,
+    base_version: u64,
+    /// 1-based, as people count stages.
+    stage: usize,
+    stages: Vec<String>,
+    reason: &'a str,
+    stage_started_at_ms: i64,
+    bake_secs: u64,
 }
 
 #[derive(Serialize)]
@@ -153,6 +169,7 @@ async fn board(store: &dyn Store) -> Result<String, StoreError> {
     let topics = store.topics().await?;
     let (subscribers, acks) = store.rollout_groups().await?;
     let pins = store.pins().await?;
+    let stagings = store.stagings().await?;
     let counts = count(&topics, &subscribers, &acks);
     let lines: Vec<TopicLine> = topics
         .iter()
@@ -166,6 +183,20 @@ async fn board(store: &dyn Store) -> Result<String, StoreError> {
                 at_ms: p.at_ms,
                 held_total: p.held_total,
             }),
+            stage: stagings
+                .iter()
+                .find(|s| s.topic == t.topic)
+                .map(|s| StageLine {
+                    policy: &s.policy.name,
+                    state: s.state,
+                    version: s.version,
+                    base_version: s.base_version,
+                    stage: s.stage + 1,
+                    stages: s.policy.stages.iter().map(ToString::to_string).collect(),
+                    reason: &s.reason,
+                    stage_started_at_ms: s.stage_started_at_ms,
+                    bake_secs: s.policy.bake_secs,
+                }),
         })
         .collect();
     let total: u64 = subscribers.iter().map(|g| g.count).sum();

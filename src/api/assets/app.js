@@ -220,6 +220,32 @@ function pinBadge(pin) {
   return el('span', { class: 'pin', title: `pinned at v${pin.version} by ${pin.by} ${fmtTime(pin.at_ms)}: ${pin.reason}`, text: `pinned${held}` });
 }
 
+// A progressive rollout: its stage and why it is there (CONFIGURATION.md section 14).
+function stageText(st) {
+  const at = st.stages[st.stage - 1] || '';
+  return `v${st.version} ${st.state} at stage ${st.stage} of ${st.stages.length} (${at})`;
+}
+
+function stageBadge(st) {
+  if (!st || (st.state !== 'rolling' && st.state !== 'halted')) return '';
+  const text = st.state === 'halted' ? `halted ${st.stage}/${st.stages.length}` : `stage ${st.stage}/${st.stages.length}`;
+  return el('span', { class: `stage ${st.state}`, 'data-state': st.state, title: `${stageText(st)}, policy ${st.policy}: ${st.reason}`, text });
+}
+
+function stageNote(st) {
+  if (!st) return '';
+  const steps = el('ol', { class: 'stages' });
+  st.stages.forEach((s, i) => {
+    const n = i + 1;
+    const cls = n < st.stage || st.state === 'completed' ? 'done' : (n === st.stage ? `now ${st.state}` : 'next');
+    steps.append(el('li', { class: cls, text: s }));
+  });
+  return el('div', { class: `stage-note ${st.state}`, 'data-state': st.state },
+    el('div', {}, el('b', { text: `Progressive rollout (${st.policy}): ` }), `${stageText(st)}, from v${st.base_version}`),
+    steps,
+    el('div', { class: 'reason', text: st.reason }));
+}
+
 function renderTopics() {
   const body = clear($('topics-body'));
   const topics = (state.board && state.board.topics) || [];
@@ -231,6 +257,7 @@ function renderTopics() {
       el('td', {}, el('a', { href: `#/topic/${topicPath(t.topic)}`, text: t.topic })),
       el('td', { class: 'mono', title: `published ${fmtTime(t.updated_at_ms)}` }, `v${t.version}`,
         pinBadge(t.pinned),
+        stageBadge(t.stage),
         el('div', { class: 'when', text: ago(t.updated_at_ms) })),
       el('td', { class: 'mono', title: t.commit, text: short(t.commit) }),
       el('td', { text: t.author || '' }),
@@ -249,7 +276,8 @@ function renderTopicSummary() {
   const p = progress(t.counts || {});
   box.setAttribute('data-percent', p.percent);
   box.append(el('div', {}, el('div', { class: 'muted', text: `repo ${t.repo} · current v${t.version} · ${short(t.commit)}` }),
-    t.pinned ? el('div', { class: 'pin-note', text: `pinned at v${t.pinned.version} by ${t.pinned.by}: ${t.pinned.reason}${t.pinned.held_total ? ` (${t.pinned.held_total} pushes held back)` : ''}` }) : ''),
+    t.pinned ? el('div', { class: 'pin-note', text: `pinned at v${t.pinned.version} by ${t.pinned.by}: ${t.pinned.reason}${t.pinned.held_total ? ` (${t.pinned.held_total} pushes held back)` : ''}` }) : '',
+    stageNote(t.stage)),
     el('div', {}, p.bar, p.text));
 }
 
