@@ -392,6 +392,34 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     println!("  topics  : {} -> {}", rule.pattern, rule.topic);
                 }
             }
+            for policy in config.rollout_policies() {
+                let stages: Vec<String> = policy.stages.iter().map(ToString::to_string).collect();
+                let topics = if policy.topics.is_empty() {
+                    "only pushes that name it (Confcast-Rollout trailer)".to_string()
+                } else {
+                    policy.topics.join(", ")
+                };
+                println!("rollout {}:", policy.name);
+                println!("  topics  : {topics}");
+                println!(
+                    "  stages  : {} (bake {} s each)",
+                    stages.join(" -> "),
+                    policy.bake_secs
+                );
+                let halt = match policy.halt_failed_percent {
+                    0 => "on any failed ack".to_string(),
+                    p => format!("above {p}% failed"),
+                };
+                println!(
+                    "  health  : promote at {}% applied; halt {halt}{}",
+                    policy.promote_applied_percent,
+                    if policy.auto_revert {
+                        "; auto_revert"
+                    } else {
+                        ""
+                    }
+                );
+            }
             if let Some(problem) = config.exposure_problem(config.server.listen) {
                 eprintln!("error: {problem}");
                 std::process::exit(1);

@@ -605,3 +605,78 @@ async fn a_check_command_refuses_a_bad_version_before_the_swap_and_reloads_run_o
         "v3 needed no check; each check ran before its swap"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_agent_whose_check_fails_halts_the_rollout_before_anyone_reloads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = TestServer::start(
+        dir.path(),
+        &repo,
+        r#"
+[[rollouts]]
+name = "canary"
+topics = ["payments"]
+stages = ["1 instance"]
+bake_secs = 1
+auto_revert = true
+"#,
+    )
+    .await;
+    server.wait_syncs(1).await;
+    let names = ["web-1", "web-2", "web-3", "web-4"];
+    let dirs: Vec<PathBuf> = names.iter().map(|n| dir.path().join(n)).collect();
+    let _agents: Vec<Agent> = names
+        .iter()
+        .zip(&dirs)
+        .map(|(name, target)| {
+            start_agent(&server, name, target, COUNT_RELOADS, &["--check", CHECK])
+        })
+        .collect();
+    server
+        .wait_topic("payments", |v| {
+            v["rollout"]["applied"].as_array().map_or(0, Vec::len) == names.len()
+        })
+        .await;
+    let reloads = || std::fs::read_to_string(dir.path().join("reloads.log")).unwrap_or_default();
+    assert_eq!(reloads().lines().count(), 4, "{}", reloads());
+
+    let bad = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = \"bad\"\n".as_slice()))],
+            "v2 bad",
+        )
+        .expect("commit");
+    server.github_push("main", &bad.to_string(), SECRET).await;
+    let topic = server
+        .wait_topic("payments", |v| {
+            v["stages"]["state"] == "aborted" && v["rollout"]["converged"] == true
+        })
+        .await;
+    assert_eq!(topic["version"], 3, "auto_revert published v3");
+    let reason = topic["stages"]["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains(
+            "auto_revert: halted at stage 1 of 2 (1 instance): 1 of 1 instance acked failed"
+        ) && reason
+            .contains("check command failed (exit status: 1), the files were not swapped in"),
+        "{reason}"
+    );
+    for target in &dirs {
+        assert_eq!(
+            std::fs::read_to_string(target.join("payments/app.toml")).expect("read"),
+            "port = 8443\n",
+            "{}",
+            target.display()
+        );
+    }
+    // The canary's check refused v2; v3's files are those in place everywhere: no reload at all.
+    assert_eq!(reloads().lines().count(), 4, "{}", reloads());
+    let checks = std::fs::read_to_string(dir.path().join("checks.log")).expect("checks");
+    assert_eq!(
+        checks.lines().filter(|l| l.starts_with("check v2")).count(),
+        1,
+        "only the canary saw v2: {checks}"
+    );
+}
