@@ -479,6 +479,19 @@ fn on_path(name: &str) -> Option<PathBuf> {
 }
 
 /// chromedriver and the browser, or the reason the test cannot run.
+/// The browser tools, or `None` (with the reason printed) when they are missing off CI; under
+/// CI=true a missing browser fails the test.
+fn browser_or_skip() -> Option<(PathBuf, PathBuf)> {
+    match browser_tools() {
+        Ok(tools) => Some(tools),
+        Err(reason) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("skipping the browser test: {reason}");
+            None
+        }
+        Err(reason) => panic!("CI=true and {reason}: .ci/run installs it"),
+    }
+}
+
 fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
     let driver = on_path("chromedriver")
         .ok_or("chromedriver is not installed (apt-get install chromium-driver)")?;
@@ -603,13 +616,8 @@ async fn screenshot(client: &Client, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_watches_a_rollout_in_a_real_browser() {
-    let (driver, browser) = match browser_tools() {
-        Ok(tools) => tools,
-        Err(reason) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping the browser test: {reason}");
-            return;
-        }
-        Err(reason) => panic!("CI=true and {reason}: .ci/run installs it"),
+    let Some((driver, browser)) = browser_or_skip() else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
@@ -874,13 +882,8 @@ async fn an_operator_watches_a_rollout_in_a_real_browser() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_sees_a_staged_rollout_and_its_halt_in_a_real_browser() {
-    let (driver, browser) = match browser_tools() {
-        Ok(tools) => tools,
-        Err(reason) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping the browser test: {reason}");
-            return;
-        }
-        Err(reason) => panic!("CI=true and {reason}: .ci/run installs it"),
+    let Some((driver, browser)) = browser_or_skip() else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
@@ -952,7 +955,8 @@ bake_secs = 3600
     let text = text_of(&client, &format!("{note}.innerText")).await;
     assert!(
         text.contains("Progressive rollout (zone-canary): v2 rolling at stage 1 of 2 (zone=eu-west-1a), from v1")
-            && text.contains("all"),
+            && text.contains("all")
+            && text.contains("in the stages reached: 1 connected, 1 applied v2, 0 failed"),
         "{text}"
     );
 

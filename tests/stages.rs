@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use confcast::client::{Identity, Session};
+use confcast::client::{Client, ClientOptions, Delivery, Identity, Session, Update, UpdateKind};
 use confcast::protocol::{decode_content, AckStatus, Change, ServerMessage, Snapshot};
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -655,4 +655,203 @@ async fn rollout_overrides_need_an_admin_token() {
         .await
         .expect("POST");
     assert_eq!(nothing.status().as_u16(), 409);
+}
+
+const EU_FIRST: &str = r#"
+[[rollouts]]
+name = "eu-first"
+topics = ["payments"]
+stages = ["zone=eu-1"]
+bake_secs = 3600
+"#;
+
+/// A reconnecting client for `instance` in `zone`, keeping its position and files in `state`.
+fn zoned(url: &str, instance: &str, zone: &str, state: &std::path::Path) -> Client {
+    let mut options = ClientOptions::new(url, instance, &["payments"]);
+    options.identity.app = Some("web".into());
+    options.identity.labels = BTreeMap::from([("zone".to_string(), zone.to_string())]);
+    options.state_dir = Some(state.to_path_buf());
+    options.backoff_initial = Duration::from_millis(50);
+    options.backoff_max = Duration::from_millis(500);
+    Client::start(options).expect("client")
+}
+
+/// The next delivery other than a connection notice.
+async fn delivery(client: &mut Client) -> Delivery {
+    loop {
+        match tokio::time::timeout(WAIT, client.next())
+            .await
+            .expect("a delivery in time")
+            .expect("client running")
+        {
+            Delivery::Connected { .. } => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The next delivery, which must be an update; acked as applied.
+async fn update(client: &mut Client) -> Update {
+    match delivery(client).await {
+        Delivery::Update(u) => {
+            client
+                .ack(&u.topic, u.version, AckStatus::Applied, None)
+                .expect("ack recorded locally");
+            u
+        }
+        other => panic!("expected an update, got {other:?}"),
+    }
+}
+
+/// What `client` delivered within `within`, connection notices left out.
+async fn quiet(client: &mut Client, within: Duration) -> Vec<Delivery> {
+    let mut out = Vec::new();
+    while let Ok(Some(d)) = tokio::time::timeout(within, client.next()).await {
+        if !matches!(d, Delivery::Connected { .. }) {
+            out.push(d);
+        }
+    }
+    out
+}
+
+/// `GET /api/v1/instances/{id}` once `f` holds for it.
+async fn wait_for_instance(server: &TestServer, id: &str, f: impl Fn(&Value) -> bool) -> Value {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let (_, i) = server.get(&format!("/api/v1/instances/{id}")).await;
+            if f(&i) {
+                return i;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {id}"))
+}
+
+fn applied_version(instance: &Value) -> Option<u64> {
+    instance["topics"]
+        .as_array()?
+        .iter()
+        .find(|t| t["topic"] == "payments")?["applied_version"]
+        .as_u64()
+}
+
+/// PROTOCOL.md 8.8: an instance whose labels change between connections may fall outside a
+/// stage it was in. A (eu-1) gets v2, reconnects as eu-2 resuming from its position and keeps v2
+/// (nothing to replay, no snapshot of the base); the 2→3 change of a newer push goes to the stage
+/// (C, still eu-1) and neither to A nor to B (eu-2). The operator's promotion sends everyone the
+/// 1→3 change: B applies it, C drops it as a duplicate, and A, holding v2, sees a gap (8.6) and
+/// gets v3 by a snapshot. All three end on v3 and the rollout completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_relabelled_out_of_the_stage_keeps_its_version_and_gap_heals_on_promotion() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start(dir.path(), &repo, EU_FIRST).await;
+    let url = server.ws_url();
+    let mut a = zoned(&url, "inst-a", "eu-1", &dir.path().join("a"));
+    let mut b = zoned(&url, "inst-b", "eu-2", &dir.path().join("b"));
+    let mut c = zoned(&url, "inst-c", "eu-1", &dir.path().join("c"));
+    for client in [&mut a, &mut b, &mut c] {
+        let u = update(client).await;
+        assert!(matches!(u.kind, UpdateKind::Snapshot(_)), "{u:?}");
+        assert_eq!(u.version, 1);
+    }
+
+    push(&server, &repo, "port = 2\n", "payments: port 2").await;
+    for client in [&mut a, &mut c] {
+        let u = update(client).await;
+        let UpdateKind::Change(change) = &u.kind else {
+            panic!("a change: {u:?}");
+        };
+        assert_eq!((change.previous_version, change.version), (1, 2));
+    }
+    let st = server
+        .wait_topic("payments", |t| t["stages"]["applied"] == 2)
+        .await["stages"]
+        .clone();
+    assert_eq!(
+        (
+            st["state"].as_str(),
+            st["stage"].as_u64(),
+            st["members"].as_u64()
+        ),
+        (Some("rolling"), Some(1), Some(2)),
+        "A and C are the eu-1 stage: {st}"
+    );
+
+    // A comes back as eu-2, resuming from its position (its state directory).
+    drop(a);
+    let mut a = zoned(&url, "inst-a", "eu-2", &dir.path().join("a"));
+    assert_eq!(a.last_good()["payments"].0, 2);
+    wait_for_instance(&server, "inst-a", |i| {
+        i["connected"] == true && i["labels"]["zone"] == "eu-2"
+    })
+    .await;
+    let st = server
+        .wait_topic("payments", |t| t["stages"]["members"] == 1)
+        .await["stages"]
+        .clone();
+    assert_eq!(st["state"], "rolling", "only C is left in the stage: {st}");
+    let got = quiet(&mut a, Duration::from_millis(500)).await;
+    assert!(
+        got.is_empty(),
+        "A keeps v2, neither replay nor base snapshot: {got:?}"
+    );
+
+    // A newer push joins the rollout at its stage: C gets 2→3, A (now outside) and B do not.
+    push(&server, &repo, "port = 3\n", "payments: port 3").await;
+    let u = update(&mut c).await;
+    let UpdateKind::Change(change) = &u.kind else {
+        panic!("a change: {u:?}");
+    };
+    assert_eq!((change.previous_version, change.version), (2, 3));
+    let st = stages(&server).await;
+    assert_eq!(
+        (
+            st["state"].as_str(),
+            st["version"].as_u64(),
+            st["base_version"].as_u64()
+        ),
+        (Some("rolling"), Some(3), Some(1)),
+        "{st}"
+    );
+    let got = quiet(&mut a, Duration::from_millis(500)).await;
+    assert!(got.is_empty(), "A, outside the stage, gets no 2→3: {got:?}");
+    let got = quiet(&mut b, Duration::from_millis(100)).await;
+    assert!(got.is_empty(), "B never got v2 nor v3: {got:?}");
+
+    let (status, body) = post(&server, "promote", "eu-1 looks fine").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stages"]["state"], "completed", "{body}");
+
+    // B holds the base: the 1→3 change applies.
+    let u = update(&mut b).await;
+    let UpdateKind::Change(change) = &u.kind else {
+        panic!("a change: {u:?}");
+    };
+    assert_eq!((change.previous_version, change.version), (1, 3));
+    assert_eq!(u.files["payments/app.toml"], b"port = 3\n");
+    // A holds v2: the same 1→3 change is a gap, so it subscribes again without `since`.
+    match delivery(&mut a).await {
+        Delivery::Disconnected { reason } => assert!(
+            reason.contains("holds v2 but the change follows v1"),
+            "{reason}"
+        ),
+        other => panic!("expected A to resubscribe on the gap, got {other:?}"),
+    }
+    let u = update(&mut a).await;
+    assert!(matches!(u.kind, UpdateKind::Snapshot(_)), "{u:?}");
+    assert_eq!(u.version, 3);
+    assert_eq!(u.files["payments/app.toml"], b"port = 3\n");
+    assert_eq!(u.files["payments/limits.json"], br#"{"daily": 100}"#);
+
+    for id in ["inst-a", "inst-b", "inst-c"] {
+        wait_for_instance(&server, id, |i| applied_version(i) == Some(3)).await;
+    }
+    assert_eq!(stages(&server).await["state"], "completed");
+    for (name, client) in [("A", &mut a), ("B", &mut b), ("C", &mut c)] {
+        let got = quiet(client, Duration::from_millis(300)).await;
+        assert!(got.is_empty(), "{name}: nothing more: {got:?}");
+    }
 }

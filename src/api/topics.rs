@@ -138,17 +138,7 @@ pub async fn staging_view(app: &App, topic: &str) -> Result<serde_json::Value, A
     };
     let instances = app.store.instances().await?;
     let acks = app.store.acks().await?;
-    let latest = acks
-        .iter()
-        .filter(|a| a.topic == topic)
-        .map(|a| {
-            (
-                a.instance.as_str(),
-                (a.status, a.version, a.error.as_deref()),
-            )
-        })
-        .collect();
-    let tally = crate::hub::stages::tally(&staging, &instances, &latest);
+    let tally = crate::hub::stages::tally_acks(&staging, &instances, &acks);
     let failed: Vec<serde_json::Value> = tally
         .failed
         .iter()

@@ -154,6 +154,14 @@ struct StageLine<'a> {
     reason: &'a str,
     stage_started_at_ms: i64,
     bake_secs: u64,
+    /// While rolling or halted: the connected subscribers the stages reached admit, how many of
+    /// them applied the version, and how many failed it (as `stages` in the topic API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -170,6 +178,18 @@ async fn board(store: &dyn Store) -> Result<String, StoreError> {
     let (subscribers, acks) = store.rollout_groups().await?;
     let pins = store.pins().await?;
     let stagings = store.stagings().await?;
+    let active = |s: &crate::store::Staging| {
+        matches!(
+            s.state,
+            crate::store::StagingState::Rolling | crate::store::StagingState::Halted
+        )
+    };
+    // The stage tallies read every instance and ack, only while some rollout is active.
+    let (instances, all_acks) = if stagings.iter().any(active) {
+        (store.instances().await?, store.acks().await?)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let counts = count(&topics, &subscribers, &acks);
     let lines: Vec<TopicLine> = topics
         .iter()
@@ -183,10 +203,10 @@ async fn board(store: &dyn Store) -> Result<String, StoreError> {
                 at_ms: p.at_ms,
                 held_total: p.held_total,
             }),
-            stage: stagings
-                .iter()
-                .find(|s| s.topic == t.topic)
-                .map(|s| StageLine {
+            stage: stagings.iter().find(|s| s.topic == t.topic).map(|s| {
+                let tally =
+                    active(s).then(|| crate::hub::stages::tally_acks(s, &instances, &all_acks));
+                StageLine {
                     policy: &s.policy.name,
                     state: s.state,
                     version: s.version,
@@ -196,7 +216,11 @@ async fn board(store: &dyn Store) -> Result<String, StoreError> {
                     reason: &s.reason,
                     stage_started_at_ms: s.stage_started_at_ms,
                     bake_secs: s.policy.bake_secs,
-                }),
+                    members: tally.as_ref().map(|t| t.members),
+                    applied: tally.as_ref().map(|t| t.applied),
+                    failed: tally.as_ref().map(|t| t.failed.len() as u64),
+                }
+            }),
         })
         .collect();
     let total: u64 = subscribers.iter().map(|g| g.count).sum();

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::AckStatus;
 use crate::staging::{self, Tally, Verdict};
 use crate::store::{
-    ChangedFile, InstanceRecord, Rollback, StageStep, Staging, StagingState, Store, StoreError,
-    SyncOutcome, TopicChange,
+    AckRecord, ChangedFile, InstanceRecord, Rollback, StageStep, Staging, StagingState, Store,
+    StoreError, SyncOutcome, TopicChange,
 };
 
 use super::Hub;
@@ -90,17 +90,7 @@ pub async fn decide_once(
     let acks = store.acks().await?;
     let now = crate::store::now_ms();
     for staging in rolling {
-        let latest: BTreeMap<&str, (AckStatus, u64, Option<&str>)> = acks
-            .iter()
-            .filter(|a| a.topic == staging.topic)
-            .map(|a| {
-                (
-                    a.instance.as_str(),
-                    (a.status, a.version, a.error.as_deref()),
-                )
-            })
-            .collect();
-        let tally = tally(&staging, &instances, &latest);
+        let tally = tally_acks(&staging, &instances, &acks);
         let verdict = staging::judge(
             &staging.policy,
             staging.stage,
@@ -155,6 +145,21 @@ pub async fn decide_once(
 
 /// The connected instances subscribed to the topic that the stages reached admit, and what their
 /// latest acks say about the rolling version.
+/// [`tally`] from every instance's latest acks (all topics; the rollout's are picked out).
+pub fn tally_acks(staging: &Staging, instances: &[InstanceRecord], acks: &[AckRecord]) -> Tally {
+    let latest: BTreeMap<&str, (AckStatus, u64, Option<&str>)> = acks
+        .iter()
+        .filter(|a| a.topic == staging.topic)
+        .map(|a| {
+            (
+                a.instance.as_str(),
+                (a.status, a.version, a.error.as_deref()),
+            )
+        })
+        .collect();
+    tally(staging, instances, &latest)
+}
+
 pub fn tally(
     staging: &Staging,
     instances: &[InstanceRecord],

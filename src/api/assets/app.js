@@ -243,6 +243,7 @@ function stageNote(st) {
   return el('div', { class: `stage-note ${st.state}`, 'data-state': st.state },
     el('div', {}, el('b', { text: `Progressive rollout (${st.policy}): ` }), `${stageText(st)}, from v${st.base_version}`),
     steps,
+    st.members === undefined ? '' : el('div', { class: 'tally', text: `in the stages reached: ${st.members} connected, ${st.applied} applied v${st.version}, ${st.failed} failed` }),
     el('div', { class: 'reason', text: st.reason }));
 }
 
