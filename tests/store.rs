@@ -1650,6 +1650,49 @@ mod contract {
             (true, Some("node-b"), 2),
             "a new connection keeps the subscriptions until the next subscribe"
         );
+
+        // A storm: more acks than one statement holds, one instance twice (adjacent once
+        // sorted, so it splits a statement), and a refused one in the middle.
+        let mut storm: Vec<_> = (0..1200)
+            .map(|n| {
+                ack(
+                    &format!("fleet-{n:04}"),
+                    "payments",
+                    2,
+                    AckStatus::Applied,
+                    None,
+                )
+            })
+            .collect();
+        storm.push(ack(
+            "fleet-0500",
+            "payments",
+            2,
+            AckStatus::Failed,
+            Some("late no"),
+        ));
+        storm.push(ack("fleet-0700", "payments", 9, AckStatus::Applied, None));
+        let answers = store.write_batch(&storm).await.expect("storm");
+        assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 1201);
+        assert_eq!(
+            answers[1201],
+            Err(AckRejection::UnknownVersion { current: 2 })
+        );
+        let fleet: Vec<_> = store
+            .acks()
+            .await
+            .expect("acks")
+            .into_iter()
+            .filter(|a| a.instance.starts_with("fleet-"))
+            .collect();
+        assert_eq!(fleet.len(), 1200);
+        assert!(fleet.iter().all(|a| a.version == 2));
+        let failed: Vec<&str> = fleet
+            .iter()
+            .filter(|a| a.status == AckStatus::Failed)
+            .map(|a| a.instance.as_str())
+            .collect();
+        assert_eq!(failed, ["fleet-0500"], "the later of two acks wins");
     }
 }
 

@@ -472,9 +472,12 @@ impl ConfcastRun {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let last_ack = s.started + Duration::from_nanos(s.last_ack_ns.load(Ordering::Acquire));
+        let last_recorded =
+            s.started + Duration::from_nanos(s.last_recorded_ns.load(Ordering::Acquire));
         s.acking.store(false, Ordering::Release);
         println!(
-            "  ack storm: {n} acks of one version; rollout showed all applied {:.0} ms after the last ack was sent ({} ack_recorded so far)",
+            "  ack storm: {n} acks of one version; the last ack_recorded (stored) came {:.0} ms and the rollout showed all applied {:.0} ms after the last ack was sent ({} ack_recorded so far)",
+            last_recorded.saturating_duration_since(last_ack).as_secs_f64() * 1e3,
             seen.saturating_duration_since(last_ack).as_secs_f64() * 1e3,
             s.acks_recorded.load(Ordering::Acquire) - recorded_before
         );

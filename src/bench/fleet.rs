@@ -63,6 +63,8 @@ pub struct FleetState {
     pub acks_recorded: AtomicUsize,
     /// Ns since start of the last ack sent.
     pub last_ack_ns: AtomicU64,
+    /// Ns since start of the last `ack_recorded` received (the server stored that ack).
+    pub last_recorded_ns: AtomicU64,
     /// Error frames received.
     pub errors: AtomicUsize,
     /// Stirred on every event counted above.
@@ -181,6 +183,7 @@ impl Fleet {
             dropped: AtomicUsize::new(0),
             acks_recorded: AtomicUsize::new(0),
             last_ack_ns: AtomicU64::new(0),
+            last_recorded_ns: AtomicU64::new(0),
             errors: AtomicUsize::new(0),
             stirred: Notify::new(),
         });
@@ -395,6 +398,9 @@ impl Instance {
                     self.state.stirred.notify_waiters();
                 }
                 "ack_recorded" => {
+                    self.state
+                        .last_recorded_ns
+                        .fetch_max(self.state.now_ns(), Ordering::Relaxed);
                     self.state.acks_recorded.fetch_add(1, Ordering::AcqRel);
                     self.state.stirred.notify_waiters();
                 }
