@@ -188,10 +188,10 @@ struct AgentArgs {
     /// (`CONFCAST_DIR` is the new generation); a failure acks the version `failed` with its output.
     #[arg(long)]
     check: Option<String>,
-    /// Reload command, run with `sh -c` after each new version.
+    /// Reload command, run with `sh -c` after each new version whose files changed.
     #[arg(long)]
     exec: Option<String>,
-    /// Seconds the reload command may take.
+    /// Seconds the check command, the reload command or a command may take.
     #[arg(long)]
     exec_timeout: Option<u64>,
     /// Put the previous files back when the reload command fails.
