@@ -127,8 +127,25 @@ impl RolloutConfig {
             stages.push(stage);
         }
         let everyone = crate::staging::Stage::everyone();
+        if let Some(j) = stages[..stages.len() - 1]
+            .iter()
+            .position(|s| *s == everyone)
+        {
+            return Err(ConfigError::key(
+                format!("rollouts[{i}].stages[{j}]"),
+                "`all` can only be the last stage (it is added when the list does not end with it)",
+            ));
+        }
         if stages.last() != Some(&everyone) {
             stages.push(everyone);
+        }
+        if stages.len() > MAX_ROLLOUT_STAGES {
+            return Err(ConfigError::key(
+                key("stages"),
+                format!(
+                    "give 1 to {MAX_ROLLOUT_STAGES} stages, counting the `all` added at the end"
+                ),
+            ));
         }
         if self.bake_secs > 86_400 {
             return Err(ConfigError::key(
@@ -146,6 +163,17 @@ impl RolloutConfig {
             return Err(ConfigError::key(
                 key("halt_failed_percent"),
                 "must be 0 (any failure halts) to 100",
+            ));
+        }
+        if self.halt_failed_percent + self.promote_applied_percent > 100 {
+            // Failures the halt rule tolerates would keep the stage below the promote rule: the
+            // rollout could neither promote nor halt.
+            return Err(ConfigError::key(
+                key("halt_failed_percent"),
+                format!(
+                    "halt_failed_percent {} with promote_applied_percent {} can leave a stage neither promoting nor halting: make the two add up to at most 100",
+                    self.halt_failed_percent, self.promote_applied_percent
+                ),
             ));
         }
         self.policy = Some(crate::staging::Policy {
@@ -1293,6 +1321,72 @@ secret_env = "HOOK_SECRET"
             .collect();
         let lookup = |name: &str| (name == "HOOK_SECRET").then(|| "s3cret".to_string());
         Config::parse(text, env, Path::new("."), &lookup)
+    }
+
+    #[test]
+    fn rollout_policies_are_checked_and_named_in_errors() {
+        let policy = |body: &str| format!("{BASE}\n[[rollouts]]\nname = \"canary\"\n{body}\n");
+        let ok = parse(
+            &policy("stages = [\"10%\", \"zone=eu-1 50%\"]\nbake_secs = 60"),
+            &[],
+        )
+        .expect("valid");
+        let p = &ok.rollout_policies()[0];
+        assert_eq!(p.stages.len(), 3, "all is added");
+        assert_eq!(p.promote_applied_percent, 100);
+        let cases = [
+            ("stages = []", "rollouts[0].stages", "give 1 to 16"),
+            (
+                "stages = [\"all\", \"10%\"]",
+                "rollouts[0].stages[0]",
+                "can only be the last",
+            ),
+            ("stages = [\"150%\"]", "rollouts[0].stages[0]", "1% to 100%"),
+            (
+                "stages = [\"2000000 instances\"]",
+                "rollouts[0].stages[0]",
+                "a count is 1 to",
+            ),
+            (
+                "stages = [\"zone=a\\u0000\"]",
+                "rollouts[0].stages[0]",
+                "control character",
+            ),
+            (
+                "stages = [\"10%\"]\nbake_secs = 86401",
+                "rollouts[0].bake_secs",
+                "at most 86400",
+            ),
+            (
+                "stages = [\"10%\"]\nhalt_failed_percent = 10",
+                "rollouts[0].halt_failed_percent",
+                "add up to at most 100",
+            ),
+            (
+                "stages = [\"10%\"]\nhalt_failed_percent = 10\npromote_applied_percent = 95",
+                "rollouts[0].halt_failed_percent",
+                "add up",
+            ),
+        ];
+        for (body, key, expected) in cases {
+            let err = parse(&policy(body), &[]).expect_err(body).to_string();
+            assert!(err.contains(key) && err.contains(expected), "{body}: {err}");
+        }
+        assert!(
+            parse(
+                &policy(
+                    "stages = [\"10%\"]\nhalt_failed_percent = 10\npromote_applied_percent = 90"
+                ),
+                &[]
+            )
+            .is_ok(),
+            "90 applied and 10 failed adds up to 100"
+        );
+        let sixteen: Vec<String> = (1..=16).map(|n| format!("\"{n}%\"")).collect();
+        let err = parse(&policy(&format!("stages = [{}]", sixteen.join(", "))), &[])
+            .expect_err("17 with all")
+            .to_string();
+        assert!(err.contains("counting the `all`"), "{err}");
     }
 
     #[test]

@@ -345,7 +345,7 @@ pub enum PathRefusal {
 
 /// Unicode bidirectional embeddings, overrides (U+202A..U+202E) and isolates (U+2066..U+2069):
 /// they make a name display in another order than its bytes.
-fn is_bidi_control(c: char) -> bool {
+pub fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 

@@ -115,6 +115,12 @@ impl Stage {
     }
 }
 
+/// Caps on a stage's text: labels as an instance may carry them (`limits.max_labels` and
+/// `max_label_bytes` by default), and a count no fleet reaches.
+pub const MAX_STAGE_LABELS: usize = 32;
+pub const MAX_STAGE_LABEL_BYTES: usize = 256;
+pub const MAX_STAGE_COUNT: u64 = 1_000_000;
+
 impl FromStr for Stage {
     type Err = String;
 
@@ -133,8 +139,25 @@ impl FromStr for Stage {
                         "label `{token}`: give it as key=value, both non-empty"
                     ));
                 }
+                if key.len() > MAX_STAGE_LABEL_BYTES || value.len() > MAX_STAGE_LABEL_BYTES {
+                    return Err(format!(
+                        "label `{}`: keys and values are at most {MAX_STAGE_LABEL_BYTES} bytes",
+                        key.chars().take(32).collect::<String>()
+                    ));
+                }
+                if token
+                    .chars()
+                    .any(|c| c.is_control() || crate::protocol::is_bidi_control(c))
+                {
+                    return Err(
+                        "a label holds a control character or a bidirectional override".into(),
+                    );
+                }
                 if labels.insert(key.to_string(), value.to_string()).is_some() {
                     return Err(format!("label `{key}` is given twice"));
+                }
+                if labels.len() > MAX_STAGE_LABELS {
+                    return Err(format!("at most {MAX_STAGE_LABELS} labels in a stage"));
                 }
                 continue;
             }
@@ -146,8 +169,10 @@ impl FromStr for Stage {
                 let count: u64 = token
                     .parse()
                     .map_err(|_| format!("`{token}`: too many instances"))?;
-                if count == 0 {
-                    return Err(format!("`{token}`: a count must be at least 1"));
+                if count == 0 || count > MAX_STAGE_COUNT {
+                    return Err(format!(
+                        "`{token}`: a count is 1 to {MAX_STAGE_COUNT} instances"
+                    ));
                 }
                 let unit = tokens.next_if(|next| is_instances(next));
                 let shown = unit.map_or_else(|| token.to_string(), |u| format!("{token} {u}"));
@@ -604,6 +629,9 @@ mod tests {
             ("=eu-1", "`=eu-1`"),
             ("zone=", "`zone=`"),
             ("zone=a zone=b", "`zone` is given twice"),
+            ("1000001 instances", "a count is 1 to 1000000"),
+            ("18446744073709551615 instances", "a count is 1 to 1000000"),
+            ("zone=eu\u{202e}1", "control character"),
         ];
         for (text, expected) in cases {
             let err = text.parse::<Stage>().expect_err(text);
@@ -618,7 +646,7 @@ mod tests {
             size in proptest::prop_oneof![
                 proptest::strategy::Just(Size::All),
                 (1u32..100).prop_map(Size::Percent),
-                (1u64..u64::MAX).prop_map(Size::Count),
+                (1u64..=MAX_STAGE_COUNT).prop_map(Size::Count),
             ],
         ) {
             let stage = Stage { labels, size };

@@ -855,3 +855,222 @@ async fn an_instance_relabelled_out_of_the_stage_keeps_its_version_and_gap_heals
         assert!(got.is_empty(), "{name}: nothing more: {got:?}");
     }
 }
+
+const ONE_CANARY: &str = r#"
+[[rollouts]]
+name = "canary"
+topics = ["payments"]
+stages = ["1 instance"]
+bake_secs = 1
+"#;
+
+/// The next `payments` change on `session` within `within`, if any.
+async fn next_change(session: &mut Session, within: Duration) -> Option<Change> {
+    tokio::time::timeout(within, async {
+        loop {
+            match session.next().await {
+                Ok(ServerMessage::Change(c)) => return Some(c),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+async fn metric(server: &TestServer, line: &str) -> bool {
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    text.lines().any(|l| l == line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fix_pushed_over_a_halt_is_judged_on_its_own_and_a_silent_canary_holds_its_stage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start(dir.path(), &repo, ONE_CANARY).await;
+    let urls = vec![server.ws_url()];
+    let mut sessions = Vec::new();
+    for i in 0..4 {
+        let (mut session, _) = connect(&urls[0], i).await;
+        session
+            .ack("payments", 1, AckStatus::Applied, None)
+            .await
+            .expect("ack v1");
+        sessions.push(session);
+    }
+
+    // v2 is bad: the canary alone gets it and acks failed; the rollout halts.
+    push(&server, &repo, "port = \"bad\"\n", "v2").await;
+    let mut canary = None;
+    for (i, s) in sessions.iter_mut().enumerate() {
+        if let Some(c) = next_change(s, Duration::from_millis(500)).await {
+            assert_eq!(c.version, 2);
+            assert!(canary.replace(i).is_none(), "one canary");
+        }
+    }
+    let canary = canary.expect("a canary got v2");
+    let mut canary_session = sessions.remove(canary);
+    // The others run on their own (read, answer pings, apply and ack), recording what they get.
+    let seen: Seen = Arc::default();
+    let (_open, gate) = watch::channel(true);
+    let others: Vec<usize> = (0..4).filter(|i| *i != canary).collect();
+    let tasks: Vec<_> = sessions
+        .into_iter()
+        .zip(&others)
+        .map(|(session, &i)| run(session, i, (1, false), seen.clone(), gate.clone(), applied))
+        .collect();
+    canary_session
+        .ack("payments", 2, AckStatus::Failed, Some("bad port".into()))
+        .await
+        .expect("ack failed");
+    wait_until(&server, "halted", |s| s["state"] == "halted").await;
+    // The deciding replica's gauge shows the halt, though a halt logs no change.
+    wait_for_async("the halted gauge", || {
+        metric(&server, "confcast_rollouts{state=\"halted\"} 1")
+    })
+    .await;
+
+    // The fix: a newer push joins the halted rollout; the canary's failure of v2 says nothing
+    // about v3, so while the canary takes its time the rollout waits instead of halting again.
+    push(&server, &repo, "port = 9443\n", "v3: fix the port").await;
+    let fix = next_change(&mut canary_session, WAIT).await.expect("v3");
+    assert_eq!((fix.previous_version, fix.version), (2, 3));
+    wait_until(&server, "rolling v3", |s| {
+        s["state"] == "rolling" && s["version"] == 3
+    })
+    .await;
+    // Reading (and so answering pings) while it waits, for more than two looks of the decider.
+    assert!(
+        next_change(&mut canary_session, Duration::from_millis(2500))
+            .await
+            .is_none()
+    );
+    let s = stages(&server).await;
+    assert_eq!(s["state"], "rolling", "{s}");
+    assert_eq!(s["failed"], json!([]), "{s}");
+    assert_eq!(holders(&seen, 3), 0, "nobody else has v3 yet");
+    canary_session
+        .ack("payments", 3, AckStatus::Applied, None)
+        .await
+        .expect("ack v3");
+    wait_until(&server, "completed", |s| s["state"] == "completed").await;
+    wait_for("the others on v3", || holders(&seen, 3) == 3).await;
+    gapless(&seen);
+    assert_eq!(holders(&seen, 2), 0, "v2 never left the canary");
+
+    // v4: the canary (the same: its rank is fixed) gets it and goes away without a word
+    // (crashed on it). Its stage keeps it as a member that did not apply, so the rollout does
+    // not widen after the bake.
+    push(&server, &repo, "port = 9444\n", "v4").await;
+    let c = next_change(&mut canary_session, WAIT).await.expect("v4");
+    assert_eq!(c.version, 4);
+    drop(canary_session);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = stages(&server).await;
+    assert_eq!(
+        (s["state"].clone(), s["stage"].clone()),
+        (json!("rolling"), json!(1)),
+        "{s}"
+    );
+    assert_eq!(
+        (s["members"].clone(), s["applied"].clone()),
+        (json!(1), json!(0)),
+        "{s}"
+    );
+    assert_eq!(holders(&seen, 4), 0, "v4 stays with the canary");
+
+    // A pinned topic is frozen: no promote, no abort (a halt is still allowed).
+    let reply = server
+        .http
+        .put(server.url("/api/v1/topics/payments/pin"))
+        .json(&json!({"reason": "freeze"}))
+        .send()
+        .await
+        .expect("pin");
+    assert_eq!(reply.status().as_u16(), 200);
+    for action in ["promote", "abort"] {
+        let (status, body) = post(&server, action, "try").await;
+        assert_eq!(status, 409, "{action}: {body}");
+    }
+    let (status, _) = post(&server, "halt", "hold it").await;
+    assert_eq!(status, 200);
+    tasks.iter().for_each(tokio::task::JoinHandle::abort);
+}
+
+/// A push whose trailer names no policy is held back, not sent at once or under another policy;
+/// a trailer after a message longer than the 8 KiB kept is still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_rollout_name_holds_the_change_back_and_long_messages_keep_their_trailer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let server = start(dir.path(), &repo, ONE_CANARY).await;
+    let (mut session, _) = connect(&server.ws_url(), 0).await;
+
+    push(
+        &server,
+        &repo,
+        "port = 1\n",
+        "v2\n\nConfcast-Rollout: canery",
+    )
+    .await;
+    let topic = server
+        .wait_topic("payments", |v| !v["rejected"].is_null())
+        .await;
+    let message = topic["rejected"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("`canery` names no rollout policy (configured: `canary`"),
+        "{message}"
+    );
+    assert_eq!(topic["version"], 1);
+    assert!(next_change(&mut session, Duration::from_millis(300))
+        .await
+        .is_none());
+
+    let long = format!(
+        "v2 again\n\n{}\n\nConfcast-Rollout: immediate",
+        "word ".repeat(2000)
+    );
+    push(&server, &repo, "port = 2\n", &long).await;
+    let c = next_change(&mut session, WAIT).await.expect("v2 at once");
+    assert_eq!(c.version, 2);
+    let topic = server.get("/api/v1/topics/payments").await.1;
+    assert!(topic["rejected"].is_null(), "{topic}");
+    assert!(topic["stages"].is_null(), "no rollout started: {topic}");
+}
+
+async fn wait_until(server: &TestServer, what: &str, f: impl Fn(&Value) -> bool) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if f(&stages(server).await) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+async fn wait_for_async<F, Fut>(what: &str, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    tokio::time::timeout(WAIT, async {
+        while !f().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}

@@ -82,6 +82,11 @@ async fn rollout(
     let staging = stages::active(app.store.as_ref(), &topic.topic)
         .await
         .map_err(refused)?;
+    if action != "halt" {
+        // A pin freezes the topic: nothing is widened or published until it is unpinned. A halt
+        // changes nothing that instances see, so it stays allowed.
+        refuse_pinned(&app, &topic.topic).await?;
+    }
     app.audit(
         &caller,
         &format!("rollout_{action}"),
@@ -119,6 +124,9 @@ async fn rollout(
         _ => "abort",
     });
     tracing::info!(topic = %topic.topic, action, by = %caller, "rollout override");
+    app.hub
+        .refresh_rollouts(app.store.as_ref(), &app.metrics)
+        .await;
     app.hub.rollouts.stir();
     let view = staging_view(&app, &topic.topic).await?;
     Ok(Json(json!({"topic": topic.topic, "stages": view})).into_response())

@@ -101,6 +101,13 @@ impl Hub {
         }
     }
 
+    /// Reads the rollouts again after a step that logs nothing (a halt) or before the feeder
+    /// gets to it: the copy stays valid for the log position it had, being newer.
+    pub async fn refresh_rollouts(&self, store: &dyn Store, metrics: &Metrics) {
+        let fed = self.stagings().0;
+        self.refresh_stagings(store, metrics, fed).await;
+    }
+
     /// Tells the feeder the log has grown.
     pub fn wake(&self) {
         self.wake.notify_one();

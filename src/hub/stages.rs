@@ -27,6 +27,9 @@ pub const DECIDER_LOCK: &str = " rollout decider";
 
 /// How often the decider looks.
 const EVERY: Duration = Duration::from_secs(1);
+/// Waits between attempts to take the decider's lock after one failed: doubling up to the most.
+const LOCK_RETRY_FIRST: Duration = Duration::from_secs(1);
+const LOCK_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Why an override was refused.
 #[derive(Debug, thiserror::Error)]
@@ -48,15 +51,24 @@ pub async fn decide(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let lock = tokio::select! {
-        _ = shutdown.cancelled() => return,
-        lock = store.lock_repo(DECIDER_LOCK) => lock,
-    };
-    let _lock = match lock {
-        Ok(lock) => lock,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot take the rollout decider's lock; this replica does not decide rollouts");
-            return;
+    // Waiting for the lock can fail (the database restarted, the waiting session was ended):
+    // wait again, or no replica might be left waiting when the holder goes.
+    let mut retry = LOCK_RETRY_FIRST;
+    let _lock = loop {
+        let lock = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            lock = store.lock_repo(DECIDER_LOCK) => lock,
+        };
+        match lock {
+            Ok(lock) => break lock,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?retry, "cannot take the rollout decider's lock; waiting for it again");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(LOCK_RETRY_MAX);
+            }
         }
     };
     tracing::debug!("this replica decides the progressive rollouts");
@@ -77,12 +89,21 @@ pub async fn decide_once(
     hub: &Hub,
     metrics: &Metrics,
 ) -> Result<(), StoreError> {
-    let rolling: Vec<Staging> = store
-        .stagings()
-        .await?
+    let all = store.stagings().await?;
+    let count = |state| all.iter().filter(|s| s.state == state).count() as i64;
+    // The deciding replica's gauge is never more than a look old, halts included (which log
+    // nothing, so other replicas learn of them with the next change).
+    metrics.rollouts(count(StagingState::Rolling), count(StagingState::Halted));
+    let mut rolling: Vec<Staging> = all
         .into_iter()
         .filter(|s| s.state == StagingState::Rolling)
         .collect();
+    if rolling.is_empty() {
+        return Ok(());
+    }
+    // A pinned topic is frozen: its rollout neither widens nor halts until it is unpinned.
+    let pinned: Vec<String> = store.pins().await?.into_iter().map(|p| p.topic).collect();
+    rolling.retain(|s| !pinned.contains(&s.topic));
     if rolling.is_empty() {
         return Ok(());
     }
@@ -143,39 +164,57 @@ pub async fn decide_once(
     Ok(())
 }
 
-/// The connected instances subscribed to the topic that the stages reached admit, and what their
-/// latest acks say about the rolling version.
 /// [`tally`] from every instance's latest acks (all topics; the rollout's are picked out).
 pub fn tally_acks(staging: &Staging, instances: &[InstanceRecord], acks: &[AckRecord]) -> Tally {
-    let latest: BTreeMap<&str, (AckStatus, u64, Option<&str>)> = acks
+    let latest: BTreeMap<&str, &AckRecord> = acks
         .iter()
         .filter(|a| a.topic == staging.topic)
-        .map(|a| {
-            (
-                a.instance.as_str(),
-                (a.status, a.version, a.error.as_deref()),
-            )
-        })
+        .map(|a| (a.instance.as_str(), a))
         .collect();
     tally(staging, instances, &latest)
 }
 
+/// The members of the current stage and what their latest acks say about the rolling version.
+///
+/// A member is an instance subscribed to the topic that the stages reached admit, and that is
+/// connected or was connected after the current stage started: a canary that crashes (or
+/// disconnects) during its stage still counts, as not applied, so its stage cannot promote
+/// without it. An instance gone before the stage started does not count.
+///
+/// `applied`: its latest ack applied the rolling version (or a later one). `failed`: its latest
+/// ack failed the rolling version (or a later one) after the current stage started. A failure of
+/// an earlier version (a bad push that a later one fixes) says nothing about this one, and a
+/// failure from before the stage started was already judged: the rollout passed it (tolerated,
+/// or an operator promoted over it), so that instance is left out of the stage's counts.
 pub fn tally(
     staging: &Staging,
     instances: &[InstanceRecord],
-    latest: &BTreeMap<&str, (AckStatus, u64, Option<&str>)>,
+    latest: &BTreeMap<&str, &AckRecord>,
 ) -> Tally {
     let mut tally = Tally::default();
     for i in instances {
+        let present = i.connected || i.last_seen_ms >= staging.stage_started_at_ms;
         let subscribed = crate::store::in_rollout(&i.subscriptions, &staging.topic, false);
-        if !i.connected || !subscribed || !staging.admits(&i.id, &i.labels) {
+        if !present || !subscribed || !staging.admits(&i.id, &i.labels) {
+            continue;
+        }
+        let ack = latest.get(i.id.as_str());
+        let passed_over = ack.is_some_and(|a| {
+            a.status == AckStatus::Failed
+                && a.version >= staging.version
+                && a.acked_at_ms < staging.stage_started_at_ms
+        });
+        if passed_over {
+            // Neither a member nor a failure of this stage.
             continue;
         }
         tally.members += 1;
-        match latest.get(i.id.as_str()) {
-            Some((AckStatus::Applied, v, _)) if *v >= staging.version => tally.applied += 1,
-            Some((AckStatus::Failed, v, error)) if *v > staging.base_version => {
-                tally.failed.push((i.id.clone(), error.map(str::to_string)));
+        match ack {
+            Some(a) if a.status == AckStatus::Applied && a.version >= staging.version => {
+                tally.applied += 1
+            }
+            Some(a) if a.status == AckStatus::Failed && a.version >= staging.version => {
+                tally.failed.push((i.id.clone(), a.error.clone()));
             }
             _ => {}
         }

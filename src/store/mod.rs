@@ -54,6 +54,9 @@ pub struct SyncOutcome {
     pub commit: String,
     pub author: String,
     pub message: String,
+    /// The commit's `Confcast-Rollout` trailer (staging::trailer), read from the whole message
+    /// before `message` is cut to its cap: trailers come last.
+    pub rollout_trailer: Option<String>,
     pub topics: Vec<TopicChange>,
     /// Topics held back by validation, written with the publish.
     pub rejected: Vec<Rejection>,

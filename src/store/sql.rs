@@ -588,9 +588,11 @@ where
                     StagingState::Superseded,
                     format!("v{version} went to every instance at once"),
                 ));
+                // An ended rollout keeps its row (the API shows the last one) but not the base
+                // files, which only an active one needs: the decider reads every row each second.
                 sqlx::query(
-                    "UPDATE stagings SET version = $2, state = $3, updated_at = $4, reason = $5
-                     WHERE topic = $1",
+                    "UPDATE stagings SET version = $2, state = $3, updated_at = $4, reason = $5,
+                       base_files = '[]' WHERE topic = $1",
                 )
                 .bind(topic)
                 .bind(to_i64(version))
@@ -1703,6 +1705,13 @@ where
                 let head = self
                     .log_jump(&mut tx, &staging, audience.as_ref(), &author, &message, now)
                     .await?;
+                if completes {
+                    // Ended: the base files are not needed any more (as in `stage_publish`).
+                    sqlx::query("UPDATE stagings SET base_files = '[]' WHERE topic = $1")
+                        .bind(topic)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 self.backend.published(&mut tx, head).await?;
             }
             StageStep::Halt { reason } => {

@@ -19,6 +19,9 @@ use crate::store::{ChangedFile, SyncOutcome, TopicChange};
 /// Longest commit message and author sent in a `change`. With the topic name they must fit the
 /// fixed 64 KiB of `LimitsConfig::max_frame_bytes`, even JSON-escaped at six bytes per byte.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024;
+/// The longest `Confcast-Rollout` trailer value kept: longer than any policy name (64), so a
+/// longer one names no policy and is reported as unknown.
+pub const MAX_TRAILER_BYTES: usize = 128;
 pub const MAX_AUTHOR_BYTES: usize = 512;
 
 /// Why a topic's change cannot be published whatever its files say: a path that must never reach
@@ -257,6 +260,10 @@ pub fn changes(
                 new_commit.message().unwrap_or_default().trim_end(),
                 MAX_MESSAGE_BYTES,
             ),
+            rollout_trailer: crate::staging::trailer(&String::from_utf8_lossy(
+                new_commit.message_bytes(),
+            ))
+            .map(|name| cut(name, MAX_TRAILER_BYTES)),
             topics: changes,
             rejected: Vec::new(),
             cleared: Vec::new(),

@@ -158,7 +158,7 @@ impl Job {
         if self.policies.is_empty() || outcome.topics.is_empty() {
             return Ok(());
         }
-        let trailer = crate::staging::trailer(&outcome.message).map(str::to_string);
+        let trailer = outcome.rollout_trailer.clone();
         let mut instances = None;
         for tc in &outcome.topics {
             let policy = match crate::staging::choose(&self.policies, &tc.topic, trailer.as_deref())
@@ -259,6 +259,14 @@ impl Job {
         owners: &BTreeMap<String, String>,
     ) {
         let rules = &self.repo.rules;
+        // A commit that asks for a rollout policy no one configured (a typo) must not go out
+        // at once, nor under another policy: its topics are held back until a later push names
+        // a known policy, `immediate` or none.
+        let unknown_policy = outcome.rollout_trailer.as_deref().and_then(|name| {
+            crate::staging::choose(&self.policies, "", Some(name))
+                .err()
+                .map(|e| format!("{e}: the change is held back; push a commit with a known name"))
+        });
         let mut keep = Vec::with_capacity(outcome.topics.len());
         for change in std::mem::take(&mut outcome.topics) {
             // Topic names are global: a topic another repo publishes is never mixed with ours.
@@ -277,7 +285,22 @@ impl Job {
                 };
                 (h.path, problem)
             });
-            let problem = foreign.or(unpublishable).or_else(|| {
+            let unknown_policy = unknown_policy.as_ref().map(|message| {
+                let path = change
+                    .files
+                    .first()
+                    .map(|f| f.path.clone())
+                    .unwrap_or_default();
+                let message = message.clone();
+                (
+                    path,
+                    validate::Problem {
+                        line: None,
+                        message,
+                    },
+                )
+            });
+            let problem = foreign.or(unpublishable).or(unknown_policy).or_else(|| {
                 change.files.iter().find_map(|f| {
                     let bytes = f.content.as_deref()?;
                     validate::check(rules.format_of(&f.path), bytes)
