@@ -898,10 +898,10 @@ async fn a_fix_pushed_over_a_halt_is_judged_on_its_own_and_a_silent_canary_holds
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
     let server = start(dir.path(), &repo, ONE_CANARY).await;
-    let urls = vec![server.ws_url()];
+    let url = server.ws_url();
     let mut sessions = Vec::new();
     for i in 0..4 {
-        let (mut session, _) = connect(&urls[0], i).await;
+        let (mut session, _) = connect(&url, i).await;
         session
             .ack("payments", 1, AckStatus::Applied, None)
             .await
