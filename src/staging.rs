@@ -365,6 +365,9 @@ pub enum Verdict {
     Halt(String),
 }
 
+/// How the reason of a halt [`judge`] decided begins (an operator's halt reads otherwise).
+pub const HALTED_AT: &str = "halted at ";
+
 /// Failed instances a halt reason names; the rest are counted.
 const NAMED_FAILURES: usize = 3;
 /// Bytes of each failed instance's error a halt reason keeps.
@@ -413,7 +416,7 @@ pub fn judge(
             named.push(format!("and {} more", tally.failed.len() - NAMED_FAILURES));
         }
         return Verdict::Halt(format!(
-            "halted at {name}: {failed} of {members} {} acked failed ({})",
+            "{HALTED_AT}{name}: {failed} of {members} {} acked failed ({})",
             instances(members),
             named.join("; ")
         ));

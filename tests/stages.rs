@@ -1074,3 +1074,54 @@ where
     .await
     .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
+
+/// A halt of the decider's with `auto_revert` whose revert never happened (here: the server
+/// stopped between the two steps, made by hand in the database) is reverted at the next look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_left_unreverted_is_reverted_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = config_repo(dir.path());
+    let mut server = start(
+        dir.path(),
+        &repo,
+        r#"
+[[rollouts]]
+name = "canary"
+topics = ["payments"]
+stages = ["1 instance"]
+bake_secs = 3600
+auto_revert = true
+"#,
+    )
+    .await;
+    push(&server, &repo, "port = \"bad\"\n", "v2").await;
+    wait_until(&server, "rolling v2", |s| {
+        s["state"] == "rolling" && s["version"] == 2
+    })
+    .await;
+    server.stop().await;
+    let db = dir.path().join("data/confcast.db");
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        db.display()
+    ))
+    .await
+    .expect("open the database");
+    let done = sqlx::Executor::execute(
+        &mut conn,
+        "UPDATE stagings SET state = 'halted', reason = 'halted at stage 1 of 2 (1 instance): 1 of 1 instance acked failed (inst-00: bad port)'",
+    )
+    .await
+    .expect("halt by hand");
+    assert_eq!(done.rows_affected(), 1);
+    drop(conn);
+    server.restart().await;
+    wait_until(&server, "the revert", |s| s["state"] == "aborted").await;
+    let topic = server.get("/api/v1/topics/payments").await.1;
+    assert_eq!(topic["version"], 3, "{topic}");
+    let reason = topic["stages"]["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("auto_revert: halted at stage 1 of 2"),
+        "{reason}"
+    );
+}

@@ -246,11 +246,12 @@ fn row(name: &str, topic: &Value) -> Row {
             .and_then(Value::as_str)
             .unwrap_or("?");
         format!(
-            "v{} {} {at}/{all} ({text}) {}/{}",
+            "v{} {} {at}/{all} ({text}) {}/{} applied, {} failed",
             stages["version"].as_u64().unwrap_or(0),
             stages["state"].as_str().unwrap_or("?"),
             stages["applied"].as_u64().unwrap_or(0),
             stages["members"].as_u64().unwrap_or(0),
+            stages["failed"].as_array().map_or(0, Vec::len),
         )
     });
     let stage_reason = stages["reason"].as_str().map(str::to_string);
@@ -455,5 +456,29 @@ mod tests {
             !text.contains('\u{1b}'),
             "escape sequences are shown escaped: {text}"
         );
+    }
+
+    #[test]
+    fn a_staged_rollout_shows_its_stage_counts_and_reason() {
+        let topic = json!({
+            "topic": "payments", "version": 2, "commit": "e170f007c9238c6558d2",
+            "rollout": {"version": 2, "converged": false, "applied": [], "behind": [], "failed": []},
+            "pinned": null,
+            "stages": {"policy": "canary", "state": "halted", "version": 2, "base_version": 1,
+                "stage": 1, "stages": ["10%", "50%", "all"], "members": 2, "applied": 1,
+                "failed": [{"instance": "i-03", "error": "bad port"}],
+                "reason": "halted at stage 1 of 3 (10%): 1 of 2 instances acked failed (i-03: bad\u{1b}[2J port)"}
+        });
+        let text = table(&[row("payments", &topic)], true);
+        assert!(text.contains("STAGES"), "{text}");
+        assert!(
+            text.contains("v2 halted 1/3 (10%) 1/2 applied, 1 failed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("payments: rollout v2 halted 1/3 (10%) 1/2 applied, 1 failed: halted at stage 1 of 3 (10%)"),
+            "{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "{text}");
     }
 }

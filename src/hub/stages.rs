@@ -94,16 +94,28 @@ pub async fn decide_once(
     // The deciding replica's gauge is never more than a look old, halts included (which log
     // nothing, so other replicas learn of them with the next change).
     metrics.rollouts(count(StagingState::Rolling), count(StagingState::Halted));
-    let mut rolling: Vec<Staging> = all
+    // A halt of the decider's own with `auto_revert` whose revert did not happen (the abort
+    // failed, or the replica stopped between the two steps): revert it now.
+    let unreverted = |s: &Staging| {
+        s.state == StagingState::Halted
+            && s.policy.auto_revert
+            && s.reason.starts_with(staging::HALTED_AT)
+    };
+    let (mut rolling, mut unreverted): (Vec<Staging>, Vec<Staging>) = all
         .into_iter()
-        .filter(|s| s.state == StagingState::Rolling)
-        .collect();
-    if rolling.is_empty() {
+        .filter(|s| s.state == StagingState::Rolling || unreverted(s))
+        .partition(|s| s.state == StagingState::Rolling);
+    if rolling.is_empty() && unreverted.is_empty() {
         return Ok(());
     }
     // A pinned topic is frozen: its rollout neither widens nor halts until it is unpinned.
     let pinned: Vec<String> = store.pins().await?.into_iter().map(|p| p.topic).collect();
     rolling.retain(|s| !pinned.contains(&s.topic));
+    unreverted.retain(|s| !pinned.contains(&s.topic));
+    for staging in &unreverted {
+        let reason = staging.reason.clone();
+        revert(store, hub, metrics, staging, &reason).await?;
+    }
     if rolling.is_empty() {
         return Ok(());
     }
@@ -144,21 +156,34 @@ pub async fn decide_once(
                     metrics.rollout_decision("halt");
                     tracing::warn!(topic = %staging.topic, version = staging.version, %reason, "rollout halted");
                     if staging.policy.auto_revert {
-                        let why = format!("auto_revert: {reason}");
-                        // As a rollback: no sync of the repo in between.
-                        let _repo = store.lock_repo(&staging.repo).await?;
-                        match abort(store, hub, &staging.topic, "confcast", &why).await {
-                            Ok(version) => {
-                                metrics.rollout_decision("abort");
-                                tracing::warn!(topic = %staging.topic, version, "rollout reverted");
-                            }
-                            Err(e) => {
-                                tracing::error!(topic = %staging.topic, error = %e, "rollout not reverted")
-                            }
-                        }
+                        revert(store, hub, metrics, &staging, &reason).await?;
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// `auto_revert` after a halt: the stages reached get the base files back (an abort). On failure
+/// the rollout stays halted with the decider's reason, and the next look tries again.
+async fn revert(
+    store: &dyn Store,
+    hub: &Hub,
+    metrics: &Metrics,
+    staging: &Staging,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let why = format!("auto_revert: {reason}");
+    // As a rollback: no sync of the repo in between.
+    let _repo = store.lock_repo(&staging.repo).await?;
+    match abort(store, hub, &staging.topic, "confcast", &why).await {
+        Ok(version) => {
+            metrics.rollout_decision("abort");
+            tracing::warn!(topic = %staging.topic, version, "rollout reverted");
+        }
+        Err(e) => {
+            tracing::error!(topic = %staging.topic, error = %e, "rollout not reverted; trying again at the next look")
         }
     }
     Ok(())
