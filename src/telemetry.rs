@@ -44,6 +44,18 @@ const CONVERGENCE_BATCH: Duration = Duration::from_secs(1);
 type Static1 = [(&'static str, &'static str); 1];
 type Static2 = [(&'static str, &'static str); 2];
 type RepoLabel = [(&'static str, String); 1];
+type RolloutLabel = [(&'static str, String); 1];
+type RolloutCountLabel = [(&'static str, String); 2];
+
+/// An active rollout's place for [`Metrics::rollout_stages`].
+pub struct StageFigures<'a> {
+    pub topic: &'a str,
+    /// 1-based.
+    pub stage: usize,
+    pub members: u64,
+    pub applied: u64,
+    pub failed: u64,
+}
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Which kind of frame carried a change to an instance.
@@ -249,6 +261,10 @@ pub struct Metrics {
     commands: Family<Static1, Counter>,
     rollouts: Family<Static1, Gauge>,
     rollout_decisions: Family<Static1, Counter>,
+    rollout_stage: Family<RolloutLabel, Gauge>,
+    rollout_stage_instances: Family<RolloutCountLabel, Gauge>,
+    /// Topics with stage series, to remove when their rollout ends.
+    staged_topics: Mutex<HashSet<String>>,
     /// Topics with an `applied` ack since the convergence watcher last looked.
     acked_topics: Mutex<HashSet<String>>,
     acked: Notify,
@@ -361,6 +377,18 @@ impl Metrics {
             "Progressive rollout steps this replica made, by decision (promote, halt, abort; an operator's included)",
             rollout_decisions.clone(),
         );
+        let rollout_stage = Family::<RolloutLabel, Gauge>::default();
+        r.register(
+            "confcast_rollout_stage",
+            "The current stage (1-based) of each topic's active progressive rollout; set by the replica deciding rollouts, every second",
+            rollout_stage.clone(),
+        );
+        let rollout_stage_instances = Family::<RolloutCountLabel, Gauge>::default();
+        r.register(
+            "confcast_rollout_stage_instances",
+            "Each active rollout's stage members and how many of them applied or failed the rolling version (status: members, applied, failed); set by the replica deciding rollouts",
+            rollout_stage_instances.clone(),
+        );
         for state in ["rolling", "halted"] {
             rollouts.get_or_create_owned(&[("state", state)]);
         }
@@ -413,6 +441,9 @@ impl Metrics {
             commands,
             rollouts,
             rollout_decisions,
+            rollout_stage,
+            rollout_stage_instances,
+            staged_topics: Mutex::new(HashSet::new()),
             registry: r,
             acked_topics: Mutex::new(HashSet::new()),
             acked: Notify::new(),
@@ -528,6 +559,40 @@ impl Metrics {
         self.rollouts
             .get_or_create(&[("state", "halted")])
             .set(halted);
+    }
+
+    /// The active rollouts' stages and counts, as the decider just judged them; the series of
+    /// topics no longer listed (their rollout ended) are removed.
+    pub fn rollout_stages(&self, figures: &[StageFigures<'_>]) {
+        let Ok(mut staged) = self.staged_topics.lock() else {
+            return;
+        };
+        let now: HashSet<String> = figures.iter().map(|f| f.topic.to_string()).collect();
+        for gone in staged.difference(&now) {
+            self.rollout_stage.remove(&[("topic", gone.clone())]);
+            for status in ["members", "applied", "failed"] {
+                self.rollout_stage_instances
+                    .remove(&[("topic", gone.clone()), ("status", status.to_string())]);
+            }
+        }
+        for f in figures {
+            self.rollout_stage
+                .get_or_create(&[("topic", f.topic.to_string())])
+                .set(i64::try_from(f.stage).unwrap_or(i64::MAX));
+            for (status, n) in [
+                ("members", f.members),
+                ("applied", f.applied),
+                ("failed", f.failed),
+            ] {
+                self.rollout_stage_instances
+                    .get_or_create(&[
+                        ("topic", f.topic.to_string()),
+                        ("status", status.to_string()),
+                    ])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        *staged = now;
     }
 
     /// This replica made a rollout step: `promote`, `halt` or `abort`.

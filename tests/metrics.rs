@@ -446,11 +446,36 @@ async fn the_grafana_dashboard_queries_every_metric_and_only_real_ones() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = config_repo(dir.path());
-    let server = start(dir.path(), &repo, "").await;
+    // A rollout policy, and a push it stages: the rollout stage families have series only
+    // while a rollout is active.
+    let policy = "[[rollouts]]\nname = \"canary\"\ntopics = [\"payments\"]\nstages = [\"1 instance\"]\nbake_secs = 3600\n";
+    let server = start(dir.path(), &repo, policy).await;
     wait_synced(&server, 1).await;
     // A webhook, so the one family without series at start has some.
     let (status, _) = server.github_push("main", "0", "wrong").await;
     assert_eq!(status, 401);
+    let commit = repo
+        .commit(
+            "main",
+            &[("payments/app.toml", Some(b"port = 2\n"))],
+            "staged",
+        )
+        .expect("commit");
+    let (status, _) = server
+        .github_push("main", &commit.to_string(), SECRET)
+        .await;
+    assert_eq!(status, 202);
+    tokio::time::timeout(util::WAIT, async {
+        loop {
+            let (_, _, body) = scrape(&server, None, None).await;
+            if body.contains("confcast_rollout_stage{topic=\"payments\"} 1") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the rollout's stage shows");
     for format in [Format::Prometheus, Format::OpenMetrics] {
         let accept = (format == Format::OpenMetrics).then_some("application/openmetrics-text");
         let (status, _, body) = scrape(&server, None, accept).await;

@@ -939,6 +939,14 @@ async fn a_fix_pushed_over_a_halt_is_judged_on_its_own_and_a_silent_canary_holds
         metric(&server, "confcast_rollouts{state=\"halted\"} 1")
     })
     .await;
+    // And the stage with its counts, per topic.
+    for line in [
+        "confcast_rollout_stage{topic=\"payments\"} 1",
+        "confcast_rollout_stage_instances{topic=\"payments\",status=\"members\"} 1",
+        "confcast_rollout_stage_instances{topic=\"payments\",status=\"failed\"} 1",
+    ] {
+        wait_for_async(line, || metric(&server, line)).await;
+    }
 
     // The fix: a newer push joins the halted rollout; the canary's failure of v2 says nothing
     // about v3, so while the canary takes its time the rollout waits instead of halting again.
@@ -965,6 +973,11 @@ async fn a_fix_pushed_over_a_halt_is_judged_on_its_own_and_a_silent_canary_holds
         .expect("ack v3");
     wait_until(&server, "completed", |s| s["state"] == "completed").await;
     wait_for("the others on v3", || holders(&seen, 3) == 3).await;
+    // An ended rollout's stage series go away.
+    wait_for_async("no stage series", || async {
+        !metric(&server, "confcast_rollout_stage{topic=\"payments\"} 1").await
+    })
+    .await;
     gapless(&seen);
     assert_eq!(holders(&seen, 2), 0, "v2 never left the canary");
 

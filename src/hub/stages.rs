@@ -20,7 +20,7 @@ use crate::store::{
 };
 
 use super::Hub;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, StageFigures};
 
 /// The name the decider locks with [`Store::lock_repo`] (a repo name cannot hold a space).
 pub const DECIDER_LOCK: &str = " rollout decider";
@@ -83,7 +83,8 @@ pub async fn decide(
     }
 }
 
-/// One look at every rolling rollout.
+/// One look at every active rollout: judges the rolling ones (promote, halt, or wait), reverts
+/// an `auto_revert` halt whose revert did not happen, and sets the stage metrics.
 pub async fn decide_once(
     store: &dyn Store,
     hub: &Hub,
@@ -91,39 +92,41 @@ pub async fn decide_once(
 ) -> Result<(), StoreError> {
     let all = store.stagings().await?;
     let count = |state| all.iter().filter(|s| s.state == state).count() as i64;
-    // The deciding replica's gauge is never more than a look old, halts included (which log
+    // The deciding replica's gauges are never more than a look old, halts included (which log
     // nothing, so other replicas learn of them with the next change).
     metrics.rollouts(count(StagingState::Rolling), count(StagingState::Halted));
+    if !all.iter().any(|s| s.state.active()) {
+        metrics.rollout_stages(&[]);
+        return Ok(());
+    }
+    // A pinned topic is frozen: its rollout neither widens, halts nor reverts until unpinned.
+    let pinned: Vec<String> = store.pins().await?.into_iter().map(|p| p.topic).collect();
+    let free = |s: &&Staging| !pinned.contains(&s.topic);
     // A halt of the decider's own with `auto_revert` whose revert did not happen (the abort
     // failed, or the replica stopped between the two steps): revert it now.
-    let unreverted = |s: &Staging| {
+    for staging in all.iter().filter(free).filter(|s| {
         s.state == StagingState::Halted
             && s.policy.auto_revert
             && s.reason.starts_with(staging::HALTED_AT)
-    };
-    let (mut rolling, mut unreverted): (Vec<Staging>, Vec<Staging>) = all
-        .into_iter()
-        .filter(|s| s.state == StagingState::Rolling || unreverted(s))
-        .partition(|s| s.state == StagingState::Rolling);
-    if rolling.is_empty() && unreverted.is_empty() {
-        return Ok(());
-    }
-    // A pinned topic is frozen: its rollout neither widens nor halts until it is unpinned.
-    let pinned: Vec<String> = store.pins().await?.into_iter().map(|p| p.topic).collect();
-    rolling.retain(|s| !pinned.contains(&s.topic));
-    unreverted.retain(|s| !pinned.contains(&s.topic));
-    for staging in &unreverted {
-        let reason = staging.reason.clone();
-        revert(store, hub, metrics, staging, &reason).await?;
-    }
-    if rolling.is_empty() {
-        return Ok(());
+    }) {
+        revert(store, hub, metrics, staging, &staging.reason).await?;
     }
     let instances = store.instances().await?;
     let acks = store.acks().await?;
     let now = crate::store::now_ms();
-    for staging in rolling {
-        let tally = tally_acks(&staging, &instances, &acks);
+    let mut figures = Vec::new();
+    for staging in all.iter().filter(|s| s.state.active()) {
+        let tally = tally_acks(staging, &instances, &acks);
+        figures.push(StageFigures {
+            topic: &staging.topic,
+            stage: staging.stage + 1,
+            members: tally.members,
+            applied: tally.applied,
+            failed: tally.failed.len() as u64,
+        });
+        if staging.state != StagingState::Rolling || !free(&staging) {
+            continue;
+        }
         let verdict = staging::judge(
             &staging.policy,
             staging.stage,
@@ -134,7 +137,7 @@ pub async fn decide_once(
         match verdict {
             Verdict::Wait(_) => {}
             Verdict::Promote(reason) => {
-                match promote(store, hub, &staging, &instances, reason.clone()).await {
+                match promote(store, hub, staging, &instances, reason.clone()).await {
                     Ok(()) => {
                         metrics.rollout_decision("promote");
                         tracing::info!(topic = %staging.topic, version = staging.version, %reason, "rollout promoted");
@@ -156,12 +159,13 @@ pub async fn decide_once(
                     metrics.rollout_decision("halt");
                     tracing::warn!(topic = %staging.topic, version = staging.version, %reason, "rollout halted");
                     if staging.policy.auto_revert {
-                        revert(store, hub, metrics, &staging, &reason).await?;
+                        revert(store, hub, metrics, staging, &reason).await?;
                     }
                 }
             }
         }
     }
+    metrics.rollout_stages(&figures);
     Ok(())
 }
 
