@@ -126,6 +126,27 @@ impl RolloutConfig {
                 .map_err(|e: String| ConfigError::key(format!("rollouts[{i}].stages[{j}]"), e))?;
             stages.push(stage);
         }
+        // Stages only widen: of two stages with the same labels, the later must be larger (a
+        // count and a percentage cannot be compared, and are let through).
+        for j in 1..stages.len() {
+            use crate::staging::Size;
+            let (before, now) = (&stages[j - 1], &stages[j]);
+            let narrower = before.labels == now.labels
+                && match (&before.size, &now.size) {
+                    (Size::Percent(a), Size::Percent(b)) => b <= a,
+                    (Size::Count(a), Size::Count(b)) => b <= a,
+                    (Size::All, _) => true,
+                    _ => false,
+                };
+            if narrower {
+                return Err(ConfigError::key(
+                    format!("rollouts[{i}].stages[{j}]"),
+                    format!(
+                        "`{now}` does not widen `{before}`: each stage must reach more instances than the one before"
+                    ),
+                ));
+            }
+        }
         let everyone = crate::staging::Stage::everyone();
         if let Some(j) = stages[..stages.len() - 1]
             .iter()
@@ -1338,8 +1359,23 @@ secret_env = "HOOK_SECRET"
             ("stages = []", "rollouts[0].stages", "give 1 to 16"),
             (
                 "stages = [\"all\", \"10%\"]",
-                "rollouts[0].stages[0]",
+                "rollouts[0].stages[1]",
+                "does not widen",
+            ),
+            (
+                "stages = [\"10%\", \"all\", \"zone=a\"]",
+                "rollouts[0].stages[1]",
                 "can only be the last",
+            ),
+            (
+                "stages = [\"50%\", \"10%\"]",
+                "rollouts[0].stages[1]",
+                "`10%` does not widen `50%`",
+            ),
+            (
+                "stages = [\"3\", \"3 instances\"]",
+                "rollouts[0].stages[1]",
+                "does not widen",
             ),
             ("stages = [\"150%\"]", "rollouts[0].stages[0]", "1% to 100%"),
             (
