@@ -149,6 +149,22 @@ async fn fleet(urls: &[String]) -> Vec<Session> {
     sessions
 }
 
+/// Connects the fleet ([`fleet`]) and runs every instance ([`run`]) from v1, acking each new
+/// version with `verdict` once `gate` is open.
+async fn run_fleet(
+    urls: &[String],
+    seen: &Seen,
+    gate: &watch::Receiver<bool>,
+    verdict: fn(u64) -> AckStatus,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    fleet(urls)
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gate.clone(), verdict))
+        .collect()
+}
+
 async fn push(server: &TestServer, repo: &ConfigRepo, content: &str, message: &str) {
     let commit = repo
         .commit(
@@ -239,12 +255,7 @@ async fn ten_then_fifty_then_all_percent_promoting_only_on_acks() {
     let server = start(dir.path(), &repo, TEN_FIFTY_ALL).await;
     let seen: Seen = Arc::default();
     let (gate, gated) = watch::channel(false);
-    let tasks: Vec<_> = fleet(&[server.ws_url()])
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), applied))
-        .collect();
+    let tasks = run_fleet(&[server.ws_url()], &seen, &gated, applied).await;
 
     push(&server, &repo, "port = 9443\n", "payments: new port").await;
     wait_for("the first stage", || holders(&seen, 2) == 2).await;
@@ -333,12 +344,7 @@ async fn a_failed_canary_halts_the_first_stage_and_auto_revert_restores_it() {
     let server = start(dir.path(), &repo, CANARY_REVERT).await;
     let seen: Seen = Arc::default();
     let (_gate, gated) = watch::channel(true);
-    let tasks: Vec<_> = fleet(&[server.ws_url()])
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), canary_fails))
-        .collect();
+    let tasks = run_fleet(&[server.ws_url()], &seen, &gated, canary_fails).await;
 
     // Valid TOML (the server would hold back a file that does not parse), a port the
     // instances refuse.
@@ -406,12 +412,7 @@ async fn an_operator_promotes_halts_and_aborts_a_labelled_rollout() {
     let server = start(dir.path(), &repo, MANUAL).await;
     let seen: Seen = Arc::default();
     let (_gate, gated) = watch::channel(true);
-    let tasks: Vec<_> = fleet(&[server.ws_url()])
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), applied))
-        .collect();
+    let tasks = run_fleet(&[server.ws_url()], &seen, &gated, applied).await;
 
     push(&server, &repo, "port = 7443\n", "payments: port 7443").await;
     let eu: BTreeSet<String> = (0..INSTANCES)
@@ -463,12 +464,7 @@ async fn two_replicas_on_postgres_agree_on_the_stage_and_decide_once() {
     let urls: Vec<String> = replicas.iter().map(|r| r.ws_url()).collect();
     let seen: Seen = Arc::default();
     let (gate, gated) = watch::channel(false);
-    let tasks: Vec<_> = fleet(&urls)
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), applied))
-        .collect();
+    let tasks = run_fleet(&urls, &seen, &gated, applied).await;
 
     let commit = repo
         .commit(
@@ -529,12 +525,7 @@ async fn a_trailer_starts_a_rollout_a_newer_push_joins_it_and_immediate_ends_it(
     let server = start(dir.path(), &repo, BY_TRAILER).await;
     let seen: Seen = Arc::default();
     let (_gate, gated) = watch::channel(true);
-    let tasks: Vec<_> = fleet(&[server.ws_url()])
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| run(s, i, (1, false), seen.clone(), gated.clone(), applied))
-        .collect();
+    let tasks = run_fleet(&[server.ws_url()], &seen, &gated, applied).await;
 
     // No trailer: the policy names no topic, so v2 goes to everyone at once.
     push(&server, &repo, "port = 2\n", "payments: port 2").await;
