@@ -669,6 +669,10 @@ impl Connection {
         let Some(id) = &self.identity else {
             return Ok(snapshots);
         };
+        if snapshots.is_empty() {
+            // The usual resume: nothing to hold back, and no read of the rollouts.
+            return Ok(snapshots);
+        }
         let (fed, view) = self.app.hub.stagings();
         // The hub's copy is good when it was read after the log reached `head`; otherwise the
         // store's, read now, which is newer than `head` too.

@@ -170,7 +170,8 @@ pub async fn decide_once(
 }
 
 /// `auto_revert` after a halt: the stages reached get the base files back (an abort). On failure
-/// the rollout stays halted with the decider's reason, and the next look tries again.
+/// the rollout stays halted with the decider's reason, and the next look tries again; the other
+/// rollouts are still decided.
 async fn revert(
     store: &dyn Store,
     hub: &Hub,
@@ -180,7 +181,13 @@ async fn revert(
 ) -> Result<(), StoreError> {
     let why = format!("auto_revert: {reason}");
     // As a rollback: no sync of the repo in between.
-    let _repo = store.lock_repo(&staging.repo).await?;
+    let _repo = match store.lock_repo(&staging.repo).await {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::error!(topic = %staging.topic, error = %e, "rollout not reverted (repo lock); trying again at the next look");
+            return Ok(());
+        }
+    };
     match abort(store, hub, &staging.topic, "confcast", &why).await {
         Ok(version) => {
             metrics.rollout_decision("abort");
